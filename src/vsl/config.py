@@ -1,0 +1,132 @@
+"""One typed configuration object for models and training, with presets for the paper's runs.
+
+Field names are the published option names (``opts.py`` of SGRAF/VSL), so that a published
+checkpoint's ``argparse.Namespace`` maps onto :class:`Config` one to one and the command line
+accepts the published flags verbatim.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+from .errors import ConfigError
+
+MODULE_NAMES = ("SGR", "SAF")
+VSL_RANKS = ("released", "per-image")
+SEMANTICS = ("tfidf", "cider")
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@dataclass
+class Config:
+    """All options of a model and its training run.
+
+    Model fields (used by :func:`vsl.model.build_model`): ``module_name``, ``img_dim``,
+    ``word_dim``, ``embed_size``, ``sim_dim``, ``num_layers``, ``bi_gru``, ``no_imgnorm``,
+    ``no_txtnorm``, ``sgr_step``, ``vocab_size``, ``num_regions``.
+    """
+
+    # --- data ---
+    data_path: str = "./data"
+    data_name: str = "coco_precomp"
+    vocab_path: str = "./vocab"
+    model_name: str = "./runs/checkpoint"      # output folder for checkpoints
+    logger_name: str = "./runs/log"            # output folder for TensorBoard/JSON logs
+    workers: int = 2
+    val_all: bool = False                      # validate on all dev captions, not the first 5,000
+
+    # --- model ---
+    module_name: str = "SGR"
+    img_dim: int = 2048
+    word_dim: int = 300
+    embed_size: int = 1024
+    sim_dim: int = 256
+    num_layers: int = 1
+    bi_gru: bool = True
+    no_imgnorm: bool = False
+    no_txtnorm: bool = False
+    sgr_step: int = 3
+    vocab_size: int = 11353
+    num_regions: int = 36
+
+    # --- optimisation ---
+    batch_size: int = 128
+    num_epochs: int = 25
+    lr_update: int = 10
+    learning_rate: float = 0.0003
+    warmup_iters: int = 0                      # linear learning-rate warm-up (not in the paper)
+    grad_clip: float = 2.0
+    margin: float = 0.2
+    max_violation: bool = True
+    log_step: int = 10
+    val_step: int = 1000
+
+    # --- visual semantic loss ---
+    vsl_weight: float = 10.0                   # 0 = the SGR*/SAF* baseline of the ablation tables
+    vsl_temperature: float = 0.001
+    vsl_rank: str = "released"                 # "released" or "per-image"
+    semantic: str = "tfidf"                    # "tfidf" or "cider"
+    textual_semantic_loss: bool = False
+
+    # --- run ---
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    score_chunk: Optional[int] = None          # pairs per scoring chunk; None = automatic
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.module_name not in MODULE_NAMES:
+            raise ConfigError(f"module_name must be one of {MODULE_NAMES}, got {self.module_name!r}")
+        if self.vsl_rank not in VSL_RANKS:
+            raise ConfigError(f"vsl_rank must be one of {VSL_RANKS}, got {self.vsl_rank!r}")
+        if self.semantic not in SEMANTICS:
+            raise ConfigError(f"semantic must be one of {SEMANTICS}, got {self.semantic!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("img_dim", "word_dim", "embed_size", "sim_dim", "num_layers", "vocab_size",
+                     "num_regions", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.module_name == "SGR" and self.sgr_step < 1:
+            raise ConfigError(f"sgr_step must be positive for SGR, got {self.sgr_step}")
+
+    # -- conversion -----------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data (str/int/float/bool/None only) for checkpoints and logs."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], strict: bool = False) -> "Config":
+        """Build from a mapping; unknown keys are ignored unless ``strict``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if strict and unknown:
+            raise ConfigError(f"unknown options: {', '.join(unknown)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+#: The settings of the paper's README for each training command.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "coco-sgr": dict(data_name="coco_precomp", module_name="SGR", batch_size=128, num_epochs=25,
+                     lr_update=10, learning_rate=0.0003),
+    "coco-saf": dict(data_name="coco_precomp", module_name="SAF", batch_size=128, num_epochs=25,
+                     lr_update=10, learning_rate=0.0003),
+    "f30k-sgr": dict(data_name="f30k_precomp", module_name="SGR", batch_size=128, num_epochs=40,
+                     lr_update=25, learning_rate=0.0003, vocab_size=8481),
+    "f30k-saf": dict(data_name="f30k_precomp", module_name="SAF", batch_size=128, num_epochs=30,
+                     lr_update=15, learning_rate=0.0003, vocab_size=8481),
+}
+
+
+def preset(name: str, **overrides: Any) -> Config:
+    """The configuration of one of the paper's runs, e.g. ``preset("coco-sgr")``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[name], **overrides})
