@@ -1,0 +1,144 @@
+"""Checkpoints: the published ``.pth.tar`` format and our own, loaded by one function.
+
+Published format (SGRAF/VSL ``torch.save``)::
+
+    {"epoch": int, "best_rsum": float, "Eiters": int,
+     "opt": argparse.Namespace(...),              # all options + vocab_size
+     "model": [img_enc_state, txt_enc_state, sim_enc_state]}
+
+Ours stores the configuration as plain data, never pickled classes::
+
+    {"format": "vsl-1", "config": {...}, "model": [img, txt, sim state dicts],
+     "epoch": int, "iteration": int, "best_rsum": float, "optimizer": state dict | None,
+     "extra": {...}}                              # RNG states, scheduler, anything plain
+
+Both are read with ``torch.load(weights_only=True)``; only ``argparse.Namespace`` is allow-listed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from .config import Config
+from .errors import CheckpointError, ConfigError
+from .model import VSLModel, build_model
+
+FORMAT = "vsl-1"
+PathLike = Union[str, os.PathLike]
+
+
+def _torch_load(path: Path, map_location: Any = "cpu") -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint (refused by the safe loader: {first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+
+
+def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Read either format into ``{"format", "config": Config, "model": [3 state dicts], "epoch",
+    "iteration", "best_rsum", "optimizer", "extra"}``."""
+    path = Path(path)
+    raw = _torch_load(path, map_location)
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise CheckpointError(f"{path}: not a vsl checkpoint (expected a dict with 'model' and 'opt' or 'config')")
+    states = raw["model"]
+    if not (isinstance(states, (list, tuple)) and len(states) == 3 and all(isinstance(s, dict) for s in states)):
+        raise CheckpointError(f"{path}: 'model' must be a list of 3 state dicts (image, text, similarity encoders)")
+    try:
+        if raw.get("format") == FORMAT:
+            config = Config.from_dict(raw["config"])
+            fmt = FORMAT
+        elif "opt" in raw:
+            opt = raw["opt"]
+            values = dict(vars(opt)) if isinstance(opt, argparse.Namespace) else dict(opt)
+            config = Config.from_dict(values)
+            fmt = "published"
+        else:
+            raise CheckpointError(f"{path}: checkpoint has neither 'config' nor 'opt'")
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: invalid options in checkpoint: {exc}") from None
+    return {
+        "format": fmt,
+        "config": config,
+        "model": list(states),
+        "epoch": int(raw.get("epoch", 0)),
+        "iteration": int(raw.get("iteration", raw.get("Eiters", 0))),
+        "best_rsum": float(raw.get("best_rsum", 0.0)),
+        "optimizer": raw.get("optimizer"),
+        "extra": raw.get("extra", {}) or {},
+    }
+
+
+def load_state(model: VSLModel, states, source: PathLike) -> None:
+    """Load the three published state dicts into ``model``; a one-line error when they do not fit."""
+    for name, module, state in zip(("image encoder", "text encoder", "similarity encoder"),
+                                   (model.img_enc, model.txt_enc, model.sim_enc), states):
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())
+            if len(detail) > 300:
+                detail = detail[:300] + "..."
+            raise CheckpointError(f"{source}: {name} weights do not fit the model ({detail})") from None
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", **overrides: Any) -> VSLModel:
+    """Rebuild the model stored in ``path`` (published or vsl format), in eval mode on ``device``.
+
+    ``overrides`` replace configuration fields that do not change the weights (e.g. ``data_name``,
+    ``score_chunk``).
+    """
+    ckpt = read_checkpoint(path)
+    config = ckpt["config"].replace(**overrides) if overrides else ckpt["config"]
+    model = build_model(config)
+    load_state(model, ckpt["model"], path)
+    return model.to(device).eval()
+
+
+def save_checkpoint(path: PathLike, model: VSLModel, config: Optional[Config] = None, *,
+                    optimizer: Optional[torch.optim.Optimizer] = None, epoch: int = 0, iteration: int = 0,
+                    best_rsum: float = 0.0, extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a vsl-format checkpoint atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = config or model.config
+    payload = {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "model": [_cpu_state(m) for m in (model.img_enc, model.txt_enc, model.sim_enc)],
+        "epoch": int(epoch),
+        "iteration": int(iteration),
+        "best_rsum": float(best_rsum),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

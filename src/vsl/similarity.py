@@ -1,0 +1,372 @@
+"""Similarity heads of SGR and SAF: cross attention, alignment vectors, graph reasoning, filtration.
+
+For an image ``i`` (regions ``v``, ``(R, d)``) and a caption ``j`` (words ``t``, ``(L_j, d)``):
+
+1. text-to-image attention (SCAN, smoothing 9): each word attends over the regions, giving a
+   visual context ``c`` per word;
+2. local alignment vectors ``l2(W_loc (c - t)^2)`` per word and a global one
+   ``l2(W_glo (v_glo - t_glo)^2)`` from self-attention pooled image/caption vectors;
+3. SGR: ``sgr_step`` graph-reasoning steps over the ``1 + L_j`` alignment nodes, read node 0;
+   SAF: attention filtration (sigmoid of a BatchNorm'ed linear score, l1-normalised weights);
+4. ``sigmoid(w . vec + b)``.
+
+:class:`SimilarityEncoder` scores every image against every caption in one batched pass (chunked
+to bound memory) instead of the published loop over captions. Two exact rewrites cut arithmetic:
+
+* the query/key projections of a reasoning step are folded into one ``(s, s)`` matrix: terms of
+  ``q_a . k_b`` that do not depend on the key node ``b`` cancel in the softmax over ``b``;
+* the last reasoning step only computes node 0, the only node that is read.
+
+Parameter names match the published checkpoints (``v_global_w``, ``SGR_module.0.graph_query_w``...).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoders import l1norm, l2norm, xavier_uniform_
+
+#: Smoothing of the text-to-image attention softmax (SCAN's lambda).
+ATTENTION_SMOOTH = 9.0
+#: Elements of the largest ``(pairs, words, embed)`` intermediate per scoring chunk on CPU; small
+#: enough to stay in cache for the elementwise passes, large enough for efficient matrix products.
+DEFAULT_CPU_CHUNK_ELEMENTS = 1 << 21
+
+
+def _init_linears(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            xavier_uniform_(m)
+        elif isinstance(m, nn.BatchNorm1d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class VisualSelfAttention(nn.Module):
+    """Self-attention pooling of regions guided by their mean: ``(n, R, d)`` -> ``(n, d)``.
+
+    ``embedding_local`` holds a BatchNorm over the ``R`` regions (the published ``VisualSA``).
+    """
+
+    def __init__(self, embed_dim: int, dropout: float = 0.4, num_regions: int = 36):
+        super().__init__()
+        self.embedding_local = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(num_regions),
+                                             nn.Tanh(), nn.Dropout(dropout))
+        self.embedding_global = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.BatchNorm1d(embed_dim),
+                                              nn.Tanh(), nn.Dropout(dropout))
+        self.embedding_common = nn.Sequential(nn.Linear(embed_dim, 1))
+        _init_linears(self)
+
+    def forward(self, local: torch.Tensor) -> torch.Tensor:
+        local_emb = self.embedding_local(local)                      # (n, R, d)
+        global_emb = self.embedding_global(local.mean(dim=1))         # (n, d)
+        weights = self.embedding_common(local_emb * global_emb.unsqueeze(1)).squeeze(-1)  # (n, R)
+        weights = weights.softmax(dim=1)
+        return l2norm((weights.unsqueeze(-1) * local).sum(dim=1), dim=-1)
+
+
+class TextSelfAttention(nn.Module):
+    """Self-attention pooling of words guided by their mean: ``(m, L, d)``, mask ``(m, L)`` -> ``(m, d)``.
+
+    Padding words (mask False) take no part in the mean or the softmax.
+    """
+
+    def __init__(self, embed_dim: int, dropout: float = 0.4):
+        super().__init__()
+        self.embedding_local = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.embedding_global = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.embedding_common = nn.Sequential(nn.Linear(embed_dim, 1))
+        _init_linears(self)
+
+    def forward(self, local: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        maskf = mask.unsqueeze(-1).to(local.dtype)
+        mean = (local * maskf).sum(dim=1) / maskf.sum(dim=1).clamp_min(1)
+        local_emb = self.embedding_local(local)
+        global_emb = self.embedding_global(mean)
+        weights = self.embedding_common(local_emb * global_emb.unsqueeze(1)).squeeze(-1)  # (m, L)
+        weights = weights.masked_fill(~mask, float("-inf")).softmax(dim=1)
+        return l2norm((weights.unsqueeze(-1) * local).sum(dim=1), dim=-1)
+
+
+class GraphReasoning(nn.Module):
+    """One similarity-graph reasoning step over alignment nodes ``(P, N, s)`` -> ``(P, N, s)``.
+
+    Edges are the softmax over nodes ``b`` of ``q_a . k_b``; nodes are updated as
+    ``relu(W_g (sum_b e_ab x_b))``.
+    """
+
+    def __init__(self, sim_dim: int):
+        super().__init__()
+        self.graph_query_w = nn.Linear(sim_dim, sim_dim)
+        self.graph_key_w = nn.Linear(sim_dim, sim_dim)
+        self.sim_graph_w = nn.Linear(sim_dim, sim_dim)
+        _init_linears(self)
+
+    def folded_query_key(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, bias)`` with ``linear(x_a, weight, bias) . x_b == q_a . k_b + const(a)``.
+
+        ``q_a . k_b = x_a^T Wq^T Wk x_b + bq^T Wk x_b + (terms of a only)``; the terms of ``a`` alone
+        cancel in the softmax over ``b``, so one projection by ``Wk^T Wq`` (plus ``Wk^T bq``) suffices.
+        """
+        wq, bq = self.graph_query_w.weight, self.graph_query_w.bias
+        wk = self.graph_key_w.weight
+        return wk.t() @ wq, bq @ wk
+
+    def forward(self, nodes: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Full step; ``mask`` ``(P, N)`` or broadcastable, False for padding nodes (never attended)."""
+        weight, bias = self.folded_query_key()
+        logits = F.linear(nodes, weight, bias) @ nodes.transpose(1, 2)       # (P, N, N)
+        if mask is not None:
+            logits = logits.masked_fill(~mask.unsqueeze(-2), float("-inf"))
+        return F.relu(self.sim_graph_w(logits.softmax(dim=-1) @ nodes))
+
+    def forward_node0(self, nodes: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Only node 0 of :meth:`forward`: ``(P, N, s)`` -> ``(P, s)``."""
+        weight, bias = self.folded_query_key()
+        query = F.linear(nodes[:, 0], weight, bias)                          # (P, s)
+        logits = (nodes @ query.unsqueeze(-1)).squeeze(-1)                   # (P, N)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        pooled = (logits.softmax(dim=-1).unsqueeze(1) @ nodes).squeeze(1)   # (P, s)
+        return F.relu(self.sim_graph_w(pooled))
+
+    def forward_published(self, nodes: torch.Tensor) -> torch.Tensor:
+        """The published computation (separate query and key projections), for reference loops."""
+        edges = torch.softmax(self.graph_query_w(nodes) @ self.graph_key_w(nodes).transpose(1, 2), dim=-1)
+        return F.relu(self.sim_graph_w(edges @ nodes))
+
+
+class AttentionFiltration(nn.Module):
+    """Attention filtration: ``(P, N, s)`` -> ``(P, s)``.
+
+    Node weights ``sigmoid(BN(w . x + b))``, l1-normalised over the valid nodes; the weighted sum is
+    l2-normalised. ``bn`` is a ``BatchNorm1d(1)``; in training its statistics are taken per caption
+    over all images and valid nodes, as the published per-caption loop does (see
+    :meth:`SimilarityEncoder.forward`).
+    """
+
+    def __init__(self, sim_dim: int):
+        super().__init__()
+        self.attn_sim_w = nn.Linear(sim_dim, 1)
+        self.bn = nn.BatchNorm1d(1)
+        _init_linears(self)
+
+    def eval_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode BatchNorm folded with ``attn_sim_w``: ``(weight (s,), bias ())``."""
+        bn = self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        return self.attn_sim_w.weight[0] * scale, self.attn_sim_w.bias[0] * scale[0] + shift[0]
+
+    def pool(self, nodes: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Filtered, l2-normalised sum of ``nodes`` ``(P, N, s)`` with gates ``(P, N)`` -> ``(P, s)``."""
+        weights = l1norm(torch.sigmoid(gate) * mask, dim=-1)
+        return l2norm((weights.unsqueeze(1) @ nodes).squeeze(1), dim=-1)
+
+    def forward_published(self, nodes: torch.Tensor) -> torch.Tensor:
+        """The published computation for one caption (all nodes valid), for reference loops."""
+        attn = torch.sigmoid(self.bn(self.attn_sim_w(nodes).transpose(1, 2)))
+        pooled = l1norm(attn, dim=-1) @ nodes
+        return l2norm(pooled.squeeze(1), dim=-1)
+
+
+def scan_text_to_image_attention(images: torch.Tensor, words: torch.Tensor,
+                                 smooth: float = ATTENTION_SMOOTH) -> torch.Tensor:
+    """Attended visual context of every word of every caption for every image.
+
+    Args:
+        images: ``(n, R, d)`` region embeddings.
+        words: ``(m, L, d)`` word embeddings, padding rows zero.
+    Returns:
+        ``(n, m, L, d)`` l2-normalised contexts (rows of padding words are meaningless).
+    """
+    n, num_regions, d = images.shape
+    m, length, _ = words.shape
+    # One matrix product for all (image, region) x (caption, word) pairs.
+    logits = (images.reshape(n * num_regions, d) @ words.reshape(m * length, d).t())
+    logits = F.leaky_relu(logits, 0.1).view(n, num_regions, m, length)
+    # Published: l2-normalise over the words of each caption (padding words are 0 and add nothing).
+    logits = logits * (smooth / (torch.linalg.vector_norm(logits, dim=3, keepdim=True) + 1e-8))
+    attn = logits.softmax(dim=1).view(n, num_regions, m * length)           # softmax over regions
+    context = torch.bmm(attn.transpose(1, 2), images)                       # (n, m*L, d)
+    return l2norm(context, dim=-1).view(n, m, length, d)
+
+
+class SimilarityEncoder(nn.Module):
+    """Image-caption similarity of SGR or SAF.
+
+    ``forward(img_emb (n, R, d), cap_emb (m, L, d), lengths (m,)) -> (n, m)`` scores in (0, 1).
+    """
+
+    def __init__(self, embed_size: int, sim_dim: int, module_name: str = "SGR", sgr_step: int = 3,
+                 num_regions: int = 36):
+        super().__init__()
+        self.module_name = module_name
+        self.v_global_w = VisualSelfAttention(embed_size, 0.4, num_regions)
+        self.t_global_w = TextSelfAttention(embed_size, 0.4)
+        self.sim_tranloc_w = nn.Linear(embed_size, sim_dim)
+        self.sim_tranglo_w = nn.Linear(embed_size, sim_dim)
+        self.sim_eval_w = nn.Linear(sim_dim, 1)
+        if module_name == "SGR":
+            self.SGR_module = nn.ModuleList([GraphReasoning(sim_dim) for _ in range(sgr_step)])
+        elif module_name == "SAF":
+            self.SAF_module = AttentionFiltration(sim_dim)
+        else:
+            raise ValueError(f"module_name must be 'SGR' or 'SAF', got {module_name!r}")
+        _init_linears(self)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor,
+                chunk_elements: Optional[int] = None, progress=None) -> torch.Tensor:
+        """Score all ``n`` images against all ``m`` captions: ``(n, m)``.
+
+        Captions are grouped by length so that each chunk is padded only to its own longest caption;
+        ``chunk_elements`` bounds the largest intermediate (``pairs x words x d``) of a chunk.
+        ``progress``: optional callable ``progress(num_pairs_done)``.
+        In training mode every chunk holds all images, so that BatchNorm statistics of SAF are
+        taken per caption over all images, as in the published loop.
+        """
+        n, m = img_emb.size(0), cap_emb.size(0)
+        lengths = torch.as_tensor(lengths, device=cap_emb.device).long()
+        if lengths.numel() != m:
+            raise ValueError(f"lengths has {lengths.numel()} entries for {m} captions")
+        if m == 0 or n == 0:
+            return img_emb.new_zeros(n, m)
+        max_len = int(lengths.max())
+        cap_emb = cap_emb[:, :max_len]
+        word_mask = torch.arange(max_len, device=cap_emb.device) < lengths.unsqueeze(1)   # (m, L)
+        # Padding rows must be zero for the attention normalisation (they are from TextEncoder).
+        cap_emb = cap_emb * word_mask.unsqueeze(-1).to(cap_emb.dtype)
+        img_glo = self.v_global_w(img_emb)                                    # (n, d)
+        cap_glo = self.t_global_w(cap_emb, word_mask)                         # (m, d)
+
+        d = img_emb.size(-1)
+        budget = chunk_elements or default_chunk_elements(img_emb.device, d)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        chunks_out: List[torch.Tensor] = []
+        saf_stats: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        start = 0
+        while start < m:
+            longest = int(lengths[order[start]])
+            per_caption = max(1, longest + 1) * d                             # elements per pair
+            if self.training:
+                cap_step, img_step = max(1, budget // (per_caption * n)), n
+            else:
+                pairs = max(1, budget // per_caption)
+                cap_step = min(m - start, max(1, pairs // n) if pairs >= n else max(1, int(math.sqrt(pairs))))
+                img_step = max(1, min(n, pairs // cap_step))
+            idx = order[start:start + cap_step]
+            L = int(lengths[idx].max())
+            cols = []
+            for i0 in range(0, n, img_step):
+                cols.append(self._score_block(img_emb[i0:i0 + img_step], img_glo[i0:i0 + img_step],
+                                              cap_emb[idx, :L], cap_glo[idx], word_mask[idx, :L], saf_stats))
+                if progress is not None:
+                    progress(cols[-1].numel())
+            chunks_out.append(torch.cat(cols, dim=0))
+            start += cap_step
+        scores = torch.cat(chunks_out, dim=1)
+        if saf_stats and self.training:
+            self._update_saf_running_stats(saf_stats, order)
+        return scores.index_select(1, torch.argsort(order))
+
+    def _score_block(self, img: torch.Tensor, img_glo: torch.Tensor, cap: torch.Tensor, cap_glo: torch.Tensor,
+                     word_mask: torch.Tensor, saf_stats: list) -> torch.Tensor:
+        """Scores of ``img (n, R, d)`` x ``cap (m, L, d)`` -> ``(n, m)``."""
+        n, m, L = img.size(0), cap.size(0), cap.size(1)
+        context = scan_text_to_image_attention(img, cap)                      # (n, m, L, d)
+        diff = context - cap.unsqueeze(0)
+        sim_loc = l2norm(self.sim_tranloc_w(diff * diff), dim=-1)             # (n, m, L, s)
+        glo_diff = img_glo.unsqueeze(1) - cap_glo.unsqueeze(0)
+        sim_glo = l2norm(self.sim_tranglo_w(glo_diff * glo_diff), dim=-1)     # (n, m, s)
+        nodes = torch.cat([sim_glo.unsqueeze(2), sim_loc], dim=2)              # (n, m, 1+L, s)
+        s = nodes.size(-1)
+        node_mask = torch.cat([word_mask.new_ones(m, 1), word_mask], dim=1)   # (m, 1+L)
+        if self.module_name == "SGR":
+            flat = nodes.view(n * m, L + 1, s)
+            mask = node_mask.unsqueeze(0).expand(n, m, L + 1).reshape(n * m, L + 1)
+            for step in self.SGR_module[:-1]:
+                flat = step(flat, mask)
+            vec = self.SGR_module[-1].forward_node0(flat, mask).view(n, m, s)
+        else:
+            vec = self._filtration(nodes, node_mask, saf_stats)
+        return torch.sigmoid(self.sim_eval_w(vec)).squeeze(-1)
+
+    def _filtration(self, nodes: torch.Tensor, node_mask: torch.Tensor, saf_stats: list) -> torch.Tensor:
+        """SAF over ``nodes (n, m, N, s)`` with ``node_mask (m, N)`` -> ``(n, m, s)``."""
+        saf = self.SAF_module
+        n, m, N, s = nodes.shape
+        maskf = node_mask.to(nodes.dtype).unsqueeze(0)                        # (1, m, N)
+        if self.training or not saf.bn.track_running_stats:
+            raw = saf.attn_sim_w(nodes).squeeze(-1)                           # (n, m, N)
+            # Per-caption statistics over all images and valid nodes (published: one BN call per caption).
+            count = maskf.sum(dim=(0, 2)) * n                                 # (m,)
+            mean = (raw * maskf).sum(dim=(0, 2)) / count
+            var = (((raw - mean[None, :, None]) ** 2) * maskf).sum(dim=(0, 2)) / count
+            gate = (raw - mean[None, :, None]) / torch.sqrt(var[None, :, None] + saf.bn.eps)
+            gate = gate * saf.bn.weight[0] + saf.bn.bias[0]
+            saf_stats.append((mean.detach(), var.detach(), count.detach()))
+        else:
+            weight, bias = saf.eval_affine()
+            gate = nodes @ weight + bias                                      # (n, m, N)
+        weights = l1norm(torch.sigmoid(gate) * maskf, dim=-1)
+        return l2norm((weights.unsqueeze(-2) @ nodes).squeeze(-2), dim=-1)
+
+    @torch.no_grad()
+    def _update_saf_running_stats(self, saf_stats: list, order: torch.Tensor) -> None:
+        """Apply the published sequence of per-caption BatchNorm updates in closed form.
+
+        Caption ``c`` (in the original order) updates ``r <- (1 - a) r + a x_c``; after all ``m``
+        captions ``r = (1 - a)^m r_0 + a sum_c (1 - a)^(m - 1 - c) x_c``.
+        """
+        bn = self.SAF_module.bn
+        mean = torch.cat([s[0] for s in saf_stats])
+        var = torch.cat([s[1] for s in saf_stats])
+        count = torch.cat([s[2] for s in saf_stats])
+        inverse = torch.argsort(order)
+        mean, var, count = mean[inverse], var[inverse], count[inverse]
+        unbiased = var * count / (count - 1).clamp_min(1)
+        a = bn.momentum if bn.momentum is not None else 0.1
+        m = mean.numel()
+        decay = (1 - a) ** torch.arange(m - 1, -1, -1, device=mean.device, dtype=mean.dtype)
+        bn.running_mean.mul_((1 - a) ** m).add_(a * (decay * mean).sum())
+        bn.running_var.mul_((1 - a) ** m).add_(a * (decay * unbiased).sum())
+        bn.num_batches_tracked.add_(m)
+
+    # ------------------------------------------------------------------------------------------
+    def forward_per_caption(self, img_emb: torch.Tensor, cap_emb: torch.Tensor,
+                            lengths: torch.Tensor) -> torch.Tensor:
+        """The published one-caption-at-a-time loop (reference and benchmark baseline): ``(n, m)``."""
+        n = img_emb.size(0)
+        img_glo = self.v_global_w(img_emb)
+        out = []
+        for j in range(cap_emb.size(0)):
+            words = cap_emb[j, : int(lengths[j])].unsqueeze(0)                 # (1, L, d)
+            cap_glo = self.t_global_w(words, torch.ones(1, words.size(1), dtype=torch.bool,
+                                                        device=words.device))
+            context = scan_text_to_image_attention(img_emb, words)[:, 0]      # (n, L, d)
+            words = words.expand(n, -1, -1)
+            sim_loc = l2norm(self.sim_tranloc_w((context - words) ** 2), dim=-1)
+            sim_glo = l2norm(self.sim_tranglo_w((img_glo - cap_glo) ** 2), dim=-1)
+            nodes = torch.cat([sim_glo.unsqueeze(1), sim_loc], dim=1)
+            if self.module_name == "SGR":
+                for step in self.SGR_module:
+                    nodes = step.forward_published(nodes)
+                vec = nodes[:, 0]
+            else:
+                vec = self.SAF_module.forward_published(nodes)
+            out.append(torch.sigmoid(self.sim_eval_w(vec)))
+        return torch.cat(out, dim=1)
+
+
+def default_chunk_elements(device: torch.device, embed_size: int) -> int:
+    """Chunk budget (elements of the largest intermediate): cache-sized on CPU, memory-sized on GPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # About ten intermediates of the largest size live at once; keep a margin for the caller.
+        return max(1 << 22, int(free * 0.5) // (4 * 10))
+    return DEFAULT_CPU_CHUNK_ELEMENTS
