@@ -113,8 +113,10 @@ class GraphReasoning(nn.Module):
         cancel in the softmax over ``b``, so one projection by ``Wk^T Wq`` (plus ``Wk^T bq``) suffices.
         """
         wq, bq = self.graph_query_w.weight, self.graph_query_w.bias
-        wk = self.graph_key_w.weight
-        return wk.t() @ wq, bq @ wk
+        wk, bk = self.graph_key_w.weight, self.graph_key_w.bias
+        # The key bias provably has no effect; keep it in the graph so that its gradient is the exact
+        # zero instead of None (DistributedDataParallel and optimisers expect a gradient for every parameter).
+        return wk.t() @ wq, bq @ wk + 0.0 * bk.sum()
 
     def forward(self, nodes: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full step; ``mask`` ``(P, N)`` or broadcastable, False for padding nodes (never attended)."""
