@@ -22,7 +22,7 @@ Parameter names match the published checkpoints (``v_global_w``, ``SGR_module.0.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -188,14 +188,22 @@ def scan_text_to_image_attention(images: torch.Tensor, words: torch.Tensor,
     """
     n, num_regions, d = images.shape
     m, length, _ = words.shape
+    inplace = not torch.is_grad_enabled()   # no autograd graph: reuse buffers, fewer memory passes
     # One matrix product for all (image, region) x (caption, word) pairs.
-    logits = (images.reshape(n * num_regions, d) @ words.reshape(m * length, d).t())
-    logits = F.leaky_relu(logits, 0.1).view(n, num_regions, m, length)
+    logits = images.reshape(n * num_regions, d) @ words.reshape(m * length, d).t()
+    logits = F.leaky_relu(logits, 0.1, inplace=inplace).view(n, num_regions, m, length)
     # Published: l2-normalise over the words of each caption (padding words are 0 and add nothing).
-    logits = logits * (smooth / (torch.linalg.vector_norm(logits, dim=3, keepdim=True) + 1e-8))
+    scale = smooth / (torch.linalg.vector_norm(logits, dim=3, keepdim=True) + 1e-8)
+    logits = logits.mul_(scale) if inplace else logits * scale
     attn = logits.softmax(dim=1).view(n, num_regions, m * length)           # softmax over regions
     context = torch.bmm(attn.transpose(1, 2), images)                       # (n, m*L, d)
-    return l2norm(context, dim=-1).view(n, m, length, d)
+    return _l2norm_(context, inplace).view(n, m, length, d)
+
+
+def _l2norm_(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """:func:`l2norm` over the last dim, in place when allowed."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x.div_(norm.add_(1e-8)) if inplace else x / (norm + 1e-8)
 
 
 class SimilarityEncoder(nn.Module):
@@ -203,6 +211,11 @@ class SimilarityEncoder(nn.Module):
 
     ``forward(img_emb (n, R, d), cap_emb (m, L, d), lengths (m,)) -> (n, m)`` scores in (0, 1).
     """
+
+    #: Data-parallel hook (set by :func:`vsl.distributed.install_stats_gather`): maps this
+    #: process's per-caption SAF statistics ``(3, m)`` (mean, var, count) to those of the global
+    #: batch ``(3, M)`` in global caption order, before the running-statistics update.
+    stats_gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def __init__(self, embed_size: int, sim_dim: int, module_name: str = "SGR", sgr_step: int = 3,
                  num_regions: int = 36):
@@ -249,11 +262,14 @@ class SimilarityEncoder(nn.Module):
         d = img_emb.size(-1)
         budget = chunk_elements or default_chunk_elements(img_emb.device, d)
         order = torch.argsort(lengths, descending=True, stable=True)
+        # The chunk plan is read from one host copy of the sorted lengths, so the loop below never
+        # waits for the device (an int() of a device tensor per chunk would drain the launch queue).
+        sorted_lengths = lengths[order].tolist()
         chunks_out: List[torch.Tensor] = []
         saf_stats: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         start = 0
         while start < m:
-            longest = int(lengths[order[start]])
+            longest = sorted_lengths[start]
             per_caption = max(1, longest + 1) * d                             # elements per pair
             if self.training:
                 cap_step, img_step = max(1, budget // (per_caption * n)), n
@@ -262,7 +278,7 @@ class SimilarityEncoder(nn.Module):
                 cap_step = min(m - start, max(1, pairs // n) if pairs >= n else max(1, int(math.sqrt(pairs))))
                 img_step = max(1, min(n, pairs // cap_step))
             idx = order[start:start + cap_step]
-            L = int(lengths[idx].max())
+            L = longest                                                       # sorted: first is longest
             cols = []
             for i0 in range(0, n, img_step):
                 cols.append(self._score_block(img_emb[i0:i0 + img_step], img_glo[i0:i0 + img_step],
@@ -280,9 +296,10 @@ class SimilarityEncoder(nn.Module):
                      word_mask: torch.Tensor, saf_stats: list) -> torch.Tensor:
         """Scores of ``img (n, R, d)`` x ``cap (m, L, d)`` -> ``(n, m)``."""
         n, m, L = img.size(0), cap.size(0), cap.size(1)
+        inplace = not torch.is_grad_enabled()
         context = scan_text_to_image_attention(img, cap)                      # (n, m, L, d)
-        diff = context - cap.unsqueeze(0)
-        sim_loc = l2norm(self.sim_tranloc_w(diff * diff), dim=-1)             # (n, m, L, s)
+        diff = context.sub_(cap).square_() if inplace else (context - cap).square()
+        sim_loc = _l2norm_(self.sim_tranloc_w(diff), inplace)                 # (n, m, L, s)
         glo_diff = img_glo.unsqueeze(1) - cap_glo.unsqueeze(0)
         sim_glo = l2norm(self.sim_tranglo_w(glo_diff * glo_diff), dim=-1)     # (n, m, s)
         nodes = torch.cat([sim_glo.unsqueeze(2), sim_loc], dim=2)              # (n, m, 1+L, s)
@@ -331,6 +348,8 @@ class SimilarityEncoder(nn.Module):
         count = torch.cat([s[2] for s in saf_stats])
         inverse = torch.argsort(order)
         mean, var, count = mean[inverse], var[inverse], count[inverse]
+        if self.stats_gather is not None:
+            mean, var, count = self.stats_gather(torch.stack([mean, var, count])).unbind(0)
         unbiased = var * count / (count - 1).clamp_min(1)
         a = bn.momentum if bn.momentum is not None else 0.1
         m = mean.numel()
