@@ -64,6 +64,7 @@ class Config:
 
     # --- visual semantic loss ---
     vsl_weight: float = 10.0                   # 0 = the SGR*/SAF* baseline of the ablation tables
+    vsl_warmup_epochs: int = 0                 # epochs at the start trained without VSL (not in the paper)
     vsl_temperature: float = 0.001
     vsl_rank: str = "released"                 # "released" or "per-image"
     semantic: str = "tfidf"                    # "tfidf" or "cider"
