@@ -1,0 +1,311 @@
+"""The ``vsl`` command line (also ``python -m vsl``): argument parsing only, then one library call.
+
+* ``vsl train``: the published ``train.py`` flags, verbatim, plus the VSL options -> :func:`vsl.train.train`
+* ``vsl eval``: one checkpoint or two (SGRAF ensemble) on a split and protocol -> :func:`vsl.evaluate.evaluate`
+* ``vsl make-demo-data`` / ``vsl demo``: the procedural demo dataset and the demo run.
+
+User errors (:class:`vsl.errors.VSLError`) print ``vsl: error: <one line>`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Dict, Optional, Sequence
+
+from .config import MODULE_NAMES, PRECISIONS, PRESETS, SEMANTICS, VSL_RANKS, Config
+from .errors import VSLError
+
+_DEFAULTS = Config.__dataclass_fields__
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default and keeps the descriptions' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _default(name: str) -> Any:
+    return _DEFAULTS[name].default
+
+
+def _config_option(group, *flags: str, dest: str, help: str, **kwargs) -> None:
+    """An option that sets ``Config.<dest>``; absent options stay absent (so presets and a resumed
+    checkpoint's options can fill them), and the help shows the Config default."""
+    default = _default(dest)
+    shown = {True: "on", False: "off"}.get(default, default) if isinstance(default, bool) else default
+    group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS,
+                       help=f"{help} (default: {shown})", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# vsl train
+# ------------------------------------------------------------------------------------------------
+TRAIN_DESCRIPTION = """\
+Train SGR or SAF with the Visual Semantic Loss. The published train.py flags are accepted verbatim, e.g.
+
+  vsl train --data_path DATA --vocab_path VOCAB --data_name coco_precomp --batch_size 128 \\
+            --num_epochs 25 --lr_update 10 --learning_rate 0.0003 --module_name SGR
+
+Options are resolved in this order: Config defaults < checkpoint options (--resume) < --preset
+< flags given on the command line.
+
+Outputs: {model_name}/checkpoint_{E}.pth.tar after epoch E, checkpoint_last.pth.tar (latest, also
+mid-epoch every --val_step iterations), model_best.pth.tar (best dev rsum);
+{logger_name}/metrics.jsonl and TensorBoard events. --resume PATH continues exactly where PATH stopped.
+
+Compatibility note: as in the published code, passing --max_violation turns hardest-negative
+mining OFF and passing --bi_gru turns the bidirectional GRU OFF; prefer the clearer
+--no_max_violation and --no_bi_gru (same effect).
+"""
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("run")
+    run.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                     help="the paper's README settings: "
+                          + "; ".join(f"{k}: " + " ".join(f"{f}={v}" for f, v in PRESETS[k].items())
+                                      for k in sorted(PRESETS)) + " (default: none)")
+    run.add_argument("--resume", metavar="PATH", default=None,
+                     help="continue a run from a checkpoint (model, optimizer, epoch, iteration, best rsum, "
+                          "RNG states, position in the epoch); its options are the defaults (default: none)")
+    _config_option(run, "--seed", dest="seed", type=int, help="random seed of initialisation, shuffling and dropout")
+    _config_option(run, "--device", dest="device", help="auto = cuda if available, else cpu; or cpu, cuda, cuda:N")
+    _config_option(run, "--precision", dest="precision", choices=PRECISIONS,
+                   help="fp32 = exact; tf32 / bf16 = faster matrix products on recent GPUs")
+    run.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
+
+    data = parser.add_argument_group("data (published flags)")
+    _config_option(data, "--data_path", dest="data_path", help="folder holding {data_name}/{split}_ims.npy, _caps.txt")
+    _config_option(data, "--data_name", dest="data_name", help="dataset folder name: coco_precomp, f30k_precomp, ...")
+    _config_option(data, "--vocab_path", dest="vocab_path", help="folder holding {data_name}_vocab.json")
+    _config_option(data, "--model_name", dest="model_name", help="output folder of the checkpoints")
+    _config_option(data, "--logger_name", dest="logger_name",
+                   help="output folder of metrics.jsonl and TensorBoard logs")
+    _config_option(data, "--workers", dest="workers", type=int, help="data loader worker processes")
+    _config_option(data, "--val_all", dest="val_all", action="store_true",
+                   help="validate on all dev captions instead of the first 5,000 (published)")
+
+    opt = parser.add_argument_group("optimisation (published flags)")
+    _config_option(opt, "--batch_size", dest="batch_size", type=int, help="captions per batch")
+    _config_option(opt, "--num_epochs", dest="num_epochs", type=int, help="epochs to train")
+    _config_option(opt, "--lr_update", dest="lr_update", type=int,
+                   help="multiply the learning rate by 0.1 every N epochs")
+    _config_option(opt, "--learning_rate", dest="learning_rate", type=float, help="initial Adam learning rate")
+    _config_option(opt, "--warmup_iters", dest="warmup_iters", type=int,
+                   help="linear learning-rate warm-up over the first N iterations (not in the paper)")
+    _config_option(opt, "--grad_clip", dest="grad_clip", type=float, help="clip the gradient norm to this (<= 0: off)")
+    _config_option(opt, "--margin", dest="margin", type=float, help="triplet loss margin")
+    _config_option(opt, "--max_violation", dest="max_violation", action="store_false",
+                   help="PUBLISHED QUIRK: passing this flag turns hardest-negative mining OFF (sum over all "
+                        "negatives); same as --no_max_violation. Hardest negatives")
+    _config_option(opt, "--no_max_violation", dest="max_violation", action="store_false",
+                   help="sum the triplet loss over all negatives instead of the hardest one. Hardest negatives")
+    _config_option(opt, "--log_step", dest="log_step", type=int, help="log the loss every N iterations")
+    _config_option(opt, "--val_step", dest="val_step", type=int,
+                   help="validate and write checkpoint_last every N iterations (<= 0: only after epochs)")
+
+    model = parser.add_argument_group("model (published flags)")
+    _config_option(model, "--module_name", dest="module_name", choices=MODULE_NAMES, help="similarity network")
+    _config_option(model, "--img_dim", dest="img_dim", type=int, help="region feature dimension (must match the data)")
+    _config_option(model, "--num_regions", dest="num_regions", type=int, help="regions per image (must match the data)")
+    _config_option(model, "--word_dim", dest="word_dim", type=int, help="word embedding dimension")
+    _config_option(model, "--embed_size", dest="embed_size", type=int, help="joint embedding dimension")
+    _config_option(model, "--sim_dim", dest="sim_dim", type=int, help="similarity vector dimension")
+    _config_option(model, "--num_layers", dest="num_layers", type=int, help="GRU layers")
+    _config_option(model, "--sgr_step", dest="sgr_step", type=int, help="graph reasoning steps of SGR")
+    _config_option(model, "--bi_gru", dest="bi_gru", action="store_false",
+                   help="PUBLISHED QUIRK: passing this flag makes the GRU unidirectional; same as --no_bi_gru. "
+                        "Bidirectional GRU")
+    _config_option(model, "--no_bi_gru", dest="bi_gru", action="store_false",
+                   help="use a unidirectional GRU. Bidirectional GRU")
+    _config_option(model, "--no_imgnorm", dest="no_imgnorm", action="store_true",
+                   help="do not l2-normalise region embeddings")
+    _config_option(model, "--no_txtnorm", dest="no_txtnorm", action="store_true",
+                   help="do not l2-normalise word embeddings")
+    _config_option(model, "--score_chunk", dest="score_chunk", type=int,
+                   help="image-caption pairs x words x dims per scoring chunk (None = automatic)")
+
+    loss = parser.add_argument_group("visual semantic loss")
+    _config_option(loss, "--vsl_weight", dest="vsl_weight", type=float,
+                   help="weight of VSL; 0 = the triplet-only SGR*/SAF* baseline of the ablation tables")
+    _config_option(loss, "--vsl_temperature", dest="vsl_temperature", type=float,
+                   help="temperature of the soft rank's sigmoid")
+    _config_option(loss, "--vsl_rank", dest="vsl_rank", choices=VSL_RANKS,
+                   help="released = the formula of the published code; per-image = the ranking of the paper's figure")
+    _config_option(loss, "--semantic", dest="semantic", choices=SEMANTICS,
+                   help="caption similarity measure: tfidf (published) or cider (CIDEr-D)")
+    _config_option(loss, "--textual_semantic_loss", dest="textual_semantic_loss", action="store_true",
+                   help="add the textual semantic loss of the ablation (ranks images per caption)")
+
+
+def train_config(args: argparse.Namespace) -> Config:
+    """Config of ``vsl train``: defaults < resumed checkpoint < preset < explicit flags."""
+    fields = set(_DEFAULTS)
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    values: Dict[str, Any] = {}
+    if args.resume:
+        from .checkpoint import read_checkpoint
+        values.update(read_checkpoint(args.resume)["config"].to_dict())
+    if args.preset:
+        values.update(PRESETS[args.preset])
+    values.update(given)
+    return Config.from_dict(values)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .distributed import cleanup, setup_distributed
+    from .train import train
+
+    config = train_config(args)
+    info = setup_distributed(config.device)         # torchrun: join the process group; else one process
+    try:
+        summary = train(config, resume=args.resume, progress=not args.quiet, distributed=info)
+    finally:
+        cleanup()
+    if not info.is_main:
+        return 0
+    print(f"done: {summary['epoch']} epochs, {summary['iteration']} iterations, best dev rsum "
+          f"{summary['best_rsum']:.2f}; checkpoints in {config.model_name}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# vsl eval
+# ------------------------------------------------------------------------------------------------
+EVAL_DESCRIPTION = """\
+Evaluate a checkpoint (published .pth.tar or vsl format) on a split, or the SGRAF ensemble of two
+(the mean of the two models' score matrices, each model with its own weights and embeddings):
+
+  vsl eval --checkpoint SGR.pth.tar --data_path DATA --vocab_path VOCAB --split testall --protocol coco1k
+  vsl eval --checkpoint SGR.pth.tar --checkpoint SAF.pth.tar --data_path DATA --split testall --protocol coco5k
+
+Protocols: coco1k = mean over 5 folds of 1,000 images (COCO testall, as published); coco5k and full =
+all images of the split. The vocabulary is {vocab_path}/{data_name}_vocab.json, both from the
+checkpoint unless given.
+"""
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", action="append", required=True, metavar="PATH",
+                        help="checkpoint to evaluate (required); give it twice for the SGR+SAF ensemble "
+                             "(default: none)")
+    parser.add_argument("--data_path", default=None, help="data folder (default: the checkpoint's)")
+    parser.add_argument("--vocab_path", default=None, help="vocabulary folder (default: the checkpoint's)")
+    parser.add_argument("--data_name", default=None, help="dataset name (default: the checkpoint's)")
+    parser.add_argument("--split", choices=("dev", "test", "testall"), default="test", help="split to evaluate")
+    parser.add_argument("--protocol", choices=("coco1k", "coco5k", "full"), default="full",
+                        help="coco1k: mean of 5 folds of 1K images; coco5k/full: all images")
+    parser.add_argument("--output", metavar="PATH", default=None, help="write the results as JSON (default: none)")
+    parser.add_argument("--save_sims", metavar="PATH", default=None,
+                        help="save the images x captions score matrix as float32 .npy (default: none)")
+    parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    parser.add_argument("--batch_size", type=int, default=128, help="images/captions per encoding batch")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from . import metrics
+    from .distributed import cleanup, setup_distributed
+    from .evaluate import evaluate
+
+    info = setup_distributed(args.device)           # torchrun: split the scoring over the processes
+    try:
+        result = evaluate(args.checkpoint, args.data_path, args.split, args.protocol, vocab_path=args.vocab_path,
+                          data_name=args.data_name, device=args.device, batch_size=args.batch_size,
+                          output=args.output, save_sims=args.save_sims, progress=not args.quiet,
+                          distributed=info)
+    finally:
+        cleanup()
+    if not info.is_main:
+        return 0
+    what = " + ".join(result["checkpoints"])
+    print(f"{what} on {args.split} ({result['images']} images, {result['captions']} captions), "
+          f"protocol {args.protocol}:")
+    print(metrics.format_table(result))
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# demo commands (modules imported only when used)
+# ------------------------------------------------------------------------------------------------
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from .demo import add_arguments
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.demo":
+            raise
+        parser.add_argument("out", nargs="?", default="./demo", help="working folder of the demo")
+        parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+        return
+    add_arguments(parser)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo as run
+
+    return int(run(args) or 0)
+
+
+def run_make_demo_data(args: argparse.Namespace) -> int:
+    from .demo_data import run
+
+    return int(run(args) or 0)
+
+
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .demo_data import add_arguments as add_demo_data_arguments
+
+    parser = argparse.ArgumentParser(prog="vsl", description="Image-text retrieval with the Visual Semantic Loss "
+                                     "(ICME 2023) on SGR, SAF and SGRAF.", formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"vsl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train SGR/SAF with VSL (published flags accepted)",
+                       description=TRAIN_DESCRIPTION, formatter_class=_Formatter)
+    add_train_arguments(p)
+    p.set_defaults(handler=run_train)
+
+    p = sub.add_parser("eval", help="evaluate one checkpoint or the SGRAF ensemble of two",
+                       description=EVAL_DESCRIPTION, formatter_class=_Formatter)
+    add_eval_arguments(p)
+    p.set_defaults(handler=run_eval)
+
+    p = sub.add_parser("make-demo-data", help="write the procedural demo dataset (SCAN layout)",
+                       description="Write a small procedural dataset in the SCAN layout, with its vocabulary.",
+                       formatter_class=_Formatter)
+    add_demo_data_arguments(p)
+    p.set_defaults(handler=run_make_demo_data)
+
+    p = sub.add_parser("demo", help="train SGR with and without VSL on the demo data and compare",
+                       description="Train SGR with and without VSL on the demo data at reduced size and "
+                                   "compare them.", formatter_class=_Formatter)
+    add_demo_arguments(p)
+    p.set_defaults(handler=run_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``vsl`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except VSLError as exc:
+        message = " ".join(str(exc).split())           # always one line
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The training loop of ``vsl train``: Adam, step decay, gradient clipping, validation, exact resume.
+
+One iteration::
+
+    scores = scorer(images, captions, lengths)          # (B, B): the model, or a DDP wrapper of it
+    parts  = objective(scores, image_semantic, caption_semantic)   # {"loss", "triplet", "vsl", ...}
+    parts["loss"].backward(); clip; optimizer.step()
+
+The learning rate is ``learning_rate * 0.1 ** (epoch // lr_update)`` (times a linear warm-up over the
+first ``warmup_iters`` iterations, if set). The dev rsum is measured after every epoch and every
+``val_step`` iterations.
+
+Output folder ``model_name``: ``checkpoint_{E}.pth.tar`` after epoch E (1-based: E epochs done),
+``checkpoint_last.pth.tar`` (the latest state, also mid-epoch at every validation) and
+``model_best.pth.tar`` (best dev rsum). All are written atomically and hold the optimizer, the
+position (``epoch`` = epochs done, ``extra["batch"]`` = batches done in the next one), the best rsum
+and every RNG state, so that ``--resume`` continues exactly as if the run had not stopped: the
+final weights are bit-identical to an uninterrupted run with the same seed (on the same device).
+"""
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics
+from . import distributed as vdist
+from .checkpoint import load_state, read_checkpoint, save_checkpoint
+from .config import Config
+from .errors import CheckpointError, ConfigError, VSLError
+from .evaluate import encode_split, resolve_device, score
+from .logs import RunLogger, progress_bar
+from .losses import VSLObjective
+from .model import VSLModel, build_model
+from .precision import precision_context
+
+LAST = "checkpoint_last.pth.tar"
+BEST = "model_best.pth.tar"
+
+
+class DivergenceError(VSLError):
+    """The loss (or the gradient norm) became NaN or infinite; the run stopped before updating."""
+
+
+def epoch_checkpoint(epoch: int) -> str:
+    """File name of the checkpoint written after ``epoch`` epochs (1-based)."""
+    return f"checkpoint_{epoch}.pth.tar"
+
+
+def learning_rate(config: Config, epoch: int, iteration: int) -> float:
+    """Step decay x0.1 every ``lr_update`` epochs (published), with optional linear warm-up."""
+    lr = config.learning_rate * 0.1 ** (epoch // max(1, config.lr_update))
+    if config.warmup_iters > 0 and iteration < config.warmup_iters:
+        lr *= (iteration + 1) / config.warmup_iters
+    return lr
+
+
+# ------------------------------------------------------------------------------------------------
+# Random number generators (checkpointed as plain tensors/lists: weights_only loading refuses numpy)
+# ------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)          # also seeds every CUDA device
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG state the run depends on: torch CPU, CUDA (all devices), numpy, Python."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        for device, s in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device)
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Position:
+    """Where a run stands: ``epoch`` epochs done, ``batch`` batches done in the next one."""
+
+    epoch: int = 0
+    batch: int = 0
+    iteration: int = 0
+    best_rsum: float = 0.0
+
+
+class Trainer:
+    """Everything one training run needs; :meth:`run` trains to ``config.num_epochs``.
+
+    Args:
+        config: the run's options (``vocab_size`` is set from the vocabulary file).
+        resume: a checkpoint to continue from (vsl format: exact; published format: weights and
+            position only).
+        rank, world_size: this process' share of every batch (distributed training).
+        is_main: only the main process writes checkpoints and logs, and validates.
+        wrap_model: turns the model into the scorer (e.g. ``DistributedDataParallel``).
+        progress: show progress bars.
+        distributed: the :class:`vsl.distributed.DistInfo` of a torchrun process; sets ``rank``,
+            ``world_size``, ``is_main``, ``device`` and the DDP scorer. The loss then sees the
+            global batch (semantic matrices included), validation is sharded over the ranks and
+            checkpoints hold every rank's RNG states (exact resume with the same world size).
+    """
+
+    def __init__(self, config: Config, resume: Optional[Union[str, Path]] = None, *, rank: int = 0,
+                 world_size: int = 1, is_main: bool = True, device: Optional[torch.device] = None,
+                 wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None, progress: bool = True,
+                 distributed: Optional[vdist.DistInfo] = None):
+        from .data import PrecompDataset, default_max_captions
+        from .semantics import build_semantics
+        from .vocab import Vocabulary, vocab_file
+
+        if distributed is not None:
+            rank, world_size, is_main, device = (distributed.rank, distributed.world_size, distributed.is_main,
+                                                 distributed.device)
+            wrap_model = wrap_model or (lambda model: vdist.wrap_model(model, distributed))
+        self.dist = distributed or vdist.DistInfo(rank=rank, world_size=world_size)
+        self.rank, self.world_size, self.is_main, self.progress = rank, world_size, is_main, progress and is_main
+        self.device = device or resolve_device(config.device)
+        seed_everything(config.seed)
+
+        vocab = Vocabulary.from_json(vocab_file(config.vocab_path, config.data_name))
+        config = config.replace(vocab_size=len(vocab))
+        self.train_set = PrecompDataset(config.data_path, config.data_name, "train", vocab)
+        self.dev_set = PrecompDataset(config.data_path, config.data_name, "dev", vocab,
+                                      max_captions=default_max_captions("dev", config.val_all))
+        for name, have in (("img_dim", self.train_set.img_dim), ("num_regions", self.train_set.num_regions)):
+            if getattr(config, name) != have:
+                raise ConfigError(f"{self.train_set.images_path}: features have {name} {have}, "
+                                  f"but --{name} is {getattr(config, name)}")
+        self.config = config
+        self.vocab = vocab
+        self.dev_tokens = [vocab.encode(c) for c in self.dev_set.captions]
+
+        # The semantic matrices are only needed when a semantic loss is on.
+        self.semantics = None
+        if config.vsl_weight != 0:
+            self.semantics = build_semantics(config.semantic, self.train_set.captions,
+                                             self.train_set.captions_per_image)
+        self.model: VSLModel = build_model(config).to(self.device)
+        self.scorer = wrap_model(self.model) if wrap_model is not None else self.model   # (DDP: rank 0's weights)
+        if world_size > 1:
+            # Each rank draws its own dropout masks (same seed everywhere would correlate them).
+            seed_everything(config.seed + 1000003 * (rank + 1))
+        self.objective = VSLObjective(margin=config.margin, max_violation=config.max_violation,
+                                      vsl_weight=config.vsl_weight, temperature=config.vsl_temperature,
+                                      vsl_rank=config.vsl_rank, textual=config.textual_semantic_loss)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        self.out_dir = Path(config.model_name)
+        self.pos = Position()
+        self.resumed = resume is not None
+        rng = None
+        if resume is not None:
+            rng = self._load(Path(resume))
+        self.logger = RunLogger(config.logger_name, enabled=is_main,
+                                resume_step=self.pos.iteration if self.resumed else None)
+        # Last, so that nothing above shifts the restored streams.
+        if rng is not None:
+            set_rng_state(rng)
+
+    # --------------------------------------------------------------------------------------------
+    def _load(self, path: Path) -> Optional[Dict[str, Any]]:
+        ckpt = read_checkpoint(path)
+        load_state(self.model, ckpt["model"], path)
+        if ckpt["optimizer"] is not None:
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as exc:     # (load_state_dict moves it to the model's device)
+                raise CheckpointError(f"{path}: optimizer state does not fit the model ({exc})") from None
+        extra = ckpt["extra"]
+        self.pos = Position(epoch=ckpt["epoch"], batch=int(extra.get("batch", 0)),
+                            iteration=ckpt["iteration"], best_rsum=ckpt["best_rsum"])
+        if self.pos.epoch >= self.config.num_epochs and self.pos.batch == 0:
+            raise ConfigError(f"{path}: the run already has {self.pos.epoch} epochs; "
+                              f"raise --num_epochs above {self.pos.epoch} to train further")
+        if self.world_size > 1:
+            ranks = extra.get("rng_ranks") or []
+            if len(ranks) == self.world_size:
+                return ranks[self.rank]
+            if self.is_main:
+                warnings.warn(f"{path}: written by {extra.get('world_size', 1)} process(es), resumed with "
+                              f"{self.world_size}: the global batches continue exactly, the dropout streams do not",
+                              stacklevel=2)
+            return None
+        return extra.get("rng")
+
+    def _save(self, names) -> None:
+        # Every rank's RNG states (a collective: all ranks call _save), so that a resumed
+        # distributed run continues every rank's dropout stream.
+        states = vdist.all_gather_objects(rng_state(), self.dist.group) if self.world_size > 1 else None
+        if not self.is_main:
+            return
+        extra = {"batch": self.pos.batch, "rng": rng_state(), "world_size": self.world_size}
+        if states is not None:
+            extra["rng"], extra["rng_ranks"] = states[0], states
+        for name in names:
+            save_checkpoint(self.out_dir / name, self.model, self.config, optimizer=self.optimizer,
+                            epoch=self.pos.epoch, iteration=self.pos.iteration, best_rsum=self.pos.best_rsum,
+                            extra=extra)
+
+    # --------------------------------------------------------------------------------------------
+    def train_step(self, batch) -> Dict[str, torch.Tensor]:
+        """One optimisation step on a :class:`vsl.data.Batch`; returns the detached loss parts."""
+        batch = batch.to(self.device, non_blocking=True)
+        with precision_context(self.config.precision, self.device):
+            scores = self.scorer(batch.images, batch.captions, batch.lengths)          # (B, B)
+        image_semantic, caption_semantic = batch.image_semantic, batch.caption_semantic
+        if self.world_size > 1 and self.semantics is not None:
+            image_semantic, caption_semantic = self._global_semantics(batch.caption_ids)
+        parts = self.objective(scores.float(), image_semantic, caption_semantic)
+        self._check_finite("loss", parts["loss"])
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if self.config.grad_clip > 0:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self._check_finite("gradient norm", norm)
+        self.optimizer.step()
+        return {k: v.detach() for k, v in parts.items()}
+
+    def _global_semantics(self, caption_ids: torch.Tensor):
+        """Semantic matrices ``(B, B)`` of the global batch from this rank's caption ids ``(b,)``."""
+        ids = vdist.all_gather_concat(caption_ids, self.dist.group).cpu().numpy()
+        image = torch.from_numpy(self.semantics.image_semantic(ids, self.semantics.captions_per_image))
+        caption = (torch.from_numpy(self.semantics.caption_semantic(ids))
+                   if self.config.textual_semantic_loss else None)
+        return image.to(self.device), caption.to(self.device) if caption is not None else None
+
+    def _check_finite(self, what: str, value: torch.Tensor) -> None:
+        if not torch.isfinite(value):
+            last = self.out_dir / LAST
+            kept = (f"the last good checkpoint {last} is intact (resume with --resume {last})"
+                    if last.exists() else "no checkpoint was written yet")
+            raise DivergenceError(f"{self.out_dir}: training stopped: the {what} is {value.item()} at epoch "
+                                  f"{self.pos.epoch + 1}, iteration {self.pos.iteration + 1}; {kept}")
+
+    @torch.no_grad()
+    def validate(self) -> Dict[str, Any]:
+        """Dev retrieval metrics (``retrieval_metrics`` form, with ``rsum``)."""
+        self.model.eval()
+        n = self.dev_set.num_images
+        emb = encode_split(self.model, self.dev_set.images[:n], self.dev_tokens,
+                           batch_size=self.config.batch_size, progress=False, precision=self.config.precision)
+        start, stop = vdist.image_shard(n, self.rank, self.world_size)     # this rank's share of the rows
+        bar = progress_bar((stop - start) * len(self.dev_tokens), "validate", enabled=self.progress, unit="pair",
+                           unit_scale=True, leave=False)
+        sims = score(self.model, emb, bar=bar, precision=self.config.precision, group=self.dist.group)
+        bar.close()
+        self.model.train()
+        return metrics.retrieval_metrics(sims.numpy(), captions_per_image=self.dev_set.captions_per_image)
+
+    def _validate_and_save(self, names) -> float:
+        result = self.validate()            # every rank: the scoring is split over the ranks
+        rsum = result["rsum"]
+        if self.is_main:
+            self.logger.log(self.pos.iteration, "val", epoch=self.pos.epoch, rsum=rsum,
+                            **{f"i2t_{k}": v for k, v in result["i2t"].items()},
+                            **{f"t2i_{k}": v for k, v in result["t2i"].items()})
+        is_best = rsum > self.pos.best_rsum
+        if is_best:
+            self.pos.best_rsum = rsum
+        self._save(list(names) + ([BEST] if is_best else []))
+        return rsum
+
+    # --------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> None:
+        from .data import make_loader
+
+        cfg = self.config
+        loader = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                             workers=cfg.workers, textual=cfg.textual_semantic_loss and self.world_size == 1,
+                             # distributed: the global batch's matrices are built in train_step
+                             semantics=self.semantics if self.world_size == 1 else None,
+                             rank=self.rank, world_size=self.world_size, start_batch=self.pos.batch)
+        total = loader.batch_sampler.total_batches
+        # Creating the iterator draws a worker seed from the global RNG; keep the training stream
+        # (dropout) independent of where a run was resumed.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(loader)
+        bar = progress_bar(total, f"epoch {epoch + 1}/{cfg.num_epochs}", enabled=self.progress,
+                           initial=self.pos.batch)
+        self.model.train()
+        for batch in batches:
+            lr = learning_rate(cfg, epoch, self.pos.iteration)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            parts = self.train_step(batch)
+            self.pos.iteration += 1
+            self.pos.batch += 1
+            bar.update(1)
+            if self.pos.iteration % cfg.log_step == 0 or self.pos.batch == total:
+                values = {k: float(v) for k, v in parts.items()}
+                self.logger.log(self.pos.iteration, "train", epoch=epoch, lr=lr, **values)
+                bar.set_postfix(loss=f"{values['loss']:.4g}", triplet=f"{values['triplet']:.4g}",
+                                vsl=f"{values['vsl']:.4g}", lr=f"{lr:.2g}", refresh=False)
+            if cfg.val_step > 0 and self.pos.iteration % cfg.val_step == 0 and self.pos.batch < total:
+                self._validate_and_save([LAST])     # mid-epoch: resumable from checkpoint_last
+        bar.close()
+
+    def run(self) -> Dict[str, Any]:
+        """Train from the current position to ``config.num_epochs``; returns a summary."""
+        start = time.time()
+        try:
+            for epoch in range(self.pos.epoch, self.config.num_epochs):
+                self.train_epoch(epoch)
+                self.pos.epoch, self.pos.batch = epoch + 1, 0
+                rsum = self._validate_and_save([epoch_checkpoint(epoch + 1), LAST])
+                if self.progress:
+                    print(f"epoch {epoch + 1}: dev rsum {rsum:.2f} (best {self.pos.best_rsum:.2f})", flush=True)
+        finally:
+            self.logger.close()
+        return {"epoch": self.pos.epoch, "iteration": self.pos.iteration, "best_rsum": self.pos.best_rsum,
+                "last": str(self.out_dir / LAST), "best": str(self.out_dir / BEST),
+                "seconds": time.time() - start}
+
+
+def train(config: Config, resume: Optional[Union[str, Path]] = None, **kwargs: Any) -> Dict[str, Any]:
+    """Run ``vsl train``: build a :class:`Trainer` (``kwargs`` go to it) and train to the end."""
+    return Trainer(config, resume, **kwargs).run()
