@@ -132,6 +132,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     loss = parser.add_argument_group("visual semantic loss")
     _config_option(loss, "--vsl_weight", dest="vsl_weight", type=float,
                    help="weight of VSL; 0 = the triplet-only SGR*/SAF* baseline of the ablation tables")
+    _config_option(loss, "--vsl_warmup_epochs", dest="vsl_warmup_epochs", type=int,
+                   help="train the first N epochs without VSL (not in the paper; used by vsl demo)")
     _config_option(loss, "--vsl_temperature", dest="vsl_temperature", type=float,
                    help="temperature of the soft rank's sigmoid")
     _config_option(loss, "--vsl_rank", dest="vsl_rank", choices=VSL_RANKS,
