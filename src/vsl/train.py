@@ -139,7 +139,9 @@ class Trainer:
             rank, world_size, is_main, device = (distributed.rank, distributed.world_size, distributed.is_main,
                                                  distributed.device)
             wrap_model = wrap_model or (lambda model: vdist.wrap_model(model, distributed))
-        self.dist = distributed or vdist.DistInfo(rank=rank, world_size=world_size)
+        elif world_size > 1:
+            raise ValueError("distributed training needs distributed=DistInfo (its process group gathers the batch)")
+        self.dist = distributed or vdist.DistInfo()
         self.rank, self.world_size, self.is_main, self.progress = rank, world_size, is_main, progress and is_main
         self.device = device or resolve_device(config.device)
         seed_everything(config.seed)
@@ -291,6 +293,8 @@ class Trainer:
         from .data import make_loader
 
         cfg = self.config
+        # VSL off during its warm-up epochs (demo recipe; the paper uses VSL from the start).
+        self.objective.semantic.weight = 0.0 if epoch < cfg.vsl_warmup_epochs else cfg.vsl_weight
         loader = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                              workers=cfg.workers, textual=cfg.textual_semantic_loss and self.world_size == 1,
                              # distributed: the global batch's matrices are built in train_step
