@@ -1,8 +1,9 @@
 """``vsl demo``: the main job on a fresh machine, in minutes, on the built-in procedural dataset.
 
 1. builds the demo dataset (cached: regenerated only when its spec changes),
-2. trains SGR twice with the same recipe and seed: without VSL (the SGR* baseline) and with it,
-3. evaluates both on the demo test split (1,000 images x 5,000 captions),
+2. trains SGR twice with the same recipe and seed: without VSL (the SGR* baseline) and with it
+   (on a CPU side by side in two processes),
+3. evaluates both on the demo test split (500 images x 2,500 captions),
 4. prints the comparison table and writes ``results.json`` and ``demo.png`` (training curves and
    R@K bars).
 
@@ -42,6 +43,8 @@ DEMO_RECIPE: Dict[str, Any] = dict(
 )
 
 RUNS = (("SGR*", 0.0, "sgr"), ("SGR+VSL", 10.0, "sgr_vsl"))
+#: Test images of the demo dataset (5 captions each): enough for stable recalls, quick to score.
+DEMO_TEST_IMAGES = 500
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vsl_weight", type=float, default=10.0, help="weight of VSL in the VSL run")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--sequential", action="store_true",
+                        help="on a CPU, train the two runs one after the other instead of side by side")
 
 
 def demo_config(data: Dict[str, Any], out: Path, name: str, vsl_weight: float, seed: int, epochs: int,
@@ -72,38 +77,105 @@ def demo_config(data: Dict[str, Any], out: Path, name: str, vsl_weight: float, s
 def run_demo(args: argparse.Namespace) -> int:
     """Run ``vsl demo`` from parsed :func:`add_arguments` options; returns the exit status."""
     from .demo_data import DemoSpec, make_demo_data
-    from .evaluate import evaluate
+    from .evaluate import resolve_device
     from .metrics import format_table
-    from .train import Trainer
 
     out = Path(args.out)
     start = time.time()
-    spec = DemoSpec(seed=args.data_seed, **({"train_images": args.images} if args.images else {}))
-    print(f"[1/4] demo dataset in {out / 'dataset'}", flush=True)
+    spec_kw = dict(test_images=DEMO_TEST_IMAGES, **({"train_images": args.images} if args.images else {}))
+    spec = DemoSpec(seed=args.data_seed, **spec_kw)
+    print(f"[1/3] demo dataset in {out / 'dataset'}", flush=True)
     data = make_demo_data(out / "dataset", spec, progress=True)
-    results: Dict[str, Any] = {"recipe": dict(DEMO_RECIPE, num_epochs=args.epochs), "runs": {}}
-    for step, (label, weight, name) in enumerate(RUNS, start=2):
+    configs = {}
+    for label, weight, name in RUNS:
         weight = weight and args.vsl_weight
-        print(f"[{step}/4] training {label} (vsl_weight {weight:g})", flush=True)
         shutil.rmtree(out / "runs" / name, ignore_errors=True)     # a fresh run, no stale logs
-        cfg = demo_config(data, out, name, weight, args.seed, args.epochs, args.device)
-        summary = Trainer(cfg, progress=True).run()
-        test = evaluate([summary["best"]], data["data_path"], split="test", protocol="full",
-                        vocab_path=data["vocab_path"], device=args.device, progress=True)
-        results["runs"][label] = {"vsl_weight": weight, "train": summary, "test": test,
-                                  "log": str(Path(cfg.logger_name) / "metrics.jsonl")}
-    print("[4/4] results on the demo test split (1,000 images, 5,000 captions)", flush=True)
-    print(comparison_table(results["runs"]))
-    for label, run in results["runs"].items():
+        configs[label] = demo_config(data, out, name, weight, args.seed, args.epochs, args.device)
+    device = resolve_device(args.device)
+    cores = os.cpu_count() or 1
+    # On a CPU the two small runs are faster side by side, one thread each, than one after the
+    # other with all threads (their operations are too small to keep several threads busy).
+    parallel = device.type == "cpu" and cores >= 2 and not args.sequential
+    print(f"[2/3] training and testing {' and '.join(configs)} "
+          f"({'side by side, ' + str(max(1, cores // 2)) + ' thread(s) each' if parallel else 'one after the other'})",
+          flush=True)
+    runs = _train_and_test(configs, data, parallel, threads=max(1, cores // 2))
+    results: Dict[str, Any] = {"recipe": dict(DEMO_RECIPE, num_epochs=args.epochs), "dataset": spec.to_dict(),
+                               "runs": runs}
+    print(f"[3/3] results on the demo test split ({spec.test_images:,} images, "
+          f"{5 * spec.test_images:,} captions)", flush=True)
+    print(comparison_table(runs))
+    for label, run in runs.items():
         print(f"\n{label}:\n{format_table(run['test'])}")
     results["seconds"] = time.time() - start
     _atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     print(f"\nwrote {out / 'results.json'}")
     if not args.no_plot:
-        plot_demo(results["runs"], out / "demo.png")
+        plot_demo(runs, out / "demo.png")
         print(f"wrote {out / 'demo.png'}")
     print(f"demo finished in {results['seconds'] / 60:.1f} min")
     return 0
+
+
+def train_and_test(config_values: Dict[str, Any], data: Dict[str, Any], threads: int = 0,
+                   progress: bool = True) -> Dict[str, Any]:
+    """Train one demo run and evaluate its best checkpoint on the test split (also in a worker)."""
+    import torch
+
+    from .evaluate import evaluate
+    from .train import Trainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = Config.from_dict(config_values)
+    summary = Trainer(cfg, progress=progress).run()
+    test = evaluate([summary["best"]], data["data_path"], split="test", protocol="full",
+                    vocab_path=data["vocab_path"], device=cfg.device, progress=progress)
+    return {"vsl_weight": cfg.vsl_weight, "train": summary, "test": test,
+            "log": str(Path(cfg.logger_name) / "metrics.jsonl")}
+
+
+def _train_and_test(configs: Dict[str, Config], data: Dict[str, Any], parallel: bool,
+                    threads: int) -> Dict[str, Dict[str, Any]]:
+    if not parallel:
+        return {label: train_and_test(cfg.to_dict(), data) for label, cfg in configs.items()}
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    # Workers run quietly; one bar here follows both runs through their JSON-lines logs.
+    total = {label: _total_iterations(cfg, data) for label, cfg in configs.items()}
+    bar = tqdm(total=sum(total.values()), desc="training", unit="it")
+    with ProcessPoolExecutor(max_workers=len(configs), mp_context=mp.get_context("spawn")) as pool:
+        futures = {label: pool.submit(train_and_test, cfg.to_dict(), data, threads, False)
+                   for label, cfg in configs.items()}
+        while not all(f.done() for f in futures.values()):
+            done = sum(min(total[label], _logged_iterations(cfg)) for label, cfg in configs.items())
+            bar.update(done - bar.n)
+            testing = [label for label, cfg in configs.items() if _logged_iterations(cfg) >= total[label]
+                       and not futures[label].done()]
+            bar.set_postfix_str(("testing " + ", ".join(testing)) if testing else "", refresh=False)
+            time.sleep(1.0)
+        bar.update(bar.total - bar.n)
+        bar.close()
+        return {label: f.result() for label, f in futures.items()}
+
+
+def _total_iterations(cfg: Config, data: Dict[str, Any]) -> int:
+    captions = Path(data["data_path"]) / str(data["data_name"]) / "train_caps.txt"
+    with open(captions, "rb") as fh:
+        lines = sum(1 for _ in fh)
+    return cfg.num_epochs * -(-lines // cfg.batch_size)
+
+
+def _logged_iterations(cfg: Config) -> int:
+    path = Path(cfg.logger_name) / "metrics.jsonl"
+    try:
+        steps = [e.get("step", 0) for e in read_log(path) if e.get("split") == "train"]
+    except (OSError, ValueError):
+        return 0
+    return max(steps, default=0)
 
 
 def comparison_table(runs: Dict[str, Dict[str, Any]]) -> str:
