@@ -8,11 +8,14 @@ randomly initialised checkpoint are written to a temporary folder; then
 
 * ours: :func:`vsl.evaluate.evaluate` on it, i.e. everything ``vsl eval`` does (checkpoint and
   vocabulary loading, tokenization, encoding, batched scoring, metrics), median of ``--repeats``;
-* published: ``SimilarityEncoder.forward_per_caption`` (the published loop over captions) on the
-  same embeddings, timed on the first ``--loop_captions`` captions and extrapolated linearly to all
-  captions (its cost is the same for every caption of a given length; the subset has COCO-like
-  lengths too). Encoding is not counted for the published loop, which favours it.
+* published: the published evaluation's ``shard_attn_scores`` (shard_size 100): the matrix in
+  100-image x 100-caption shards, each scored by the one-caption-at-a-time loop
+  (``SimilarityEncoder.forward_per_caption`` on the shard's 100 images). ``--loop_shards`` shards
+  (spread over the matrix) are timed and extrapolated linearly to all shards (every shard does the
+  same work for captions of the same lengths). Encoding is not counted for it, which favours it.
 
+Both are timed for every ``--threads`` setting, interleaved (ours, published, next thread count,
+next repeat), and the medians are reported, because other jobs share this machine.
 The largest score difference between the two on the timed subset is printed as a check.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import coco_like_lengths, markdown_table, time_it  # noqa: E402
+from common import coco_like_lengths, flops_per_pair_batched, markdown_table, matmul_gflops, time_it  # noqa: E402
 
 from vsl.checkpoint import save_checkpoint  # noqa: E402
 from vsl.config import Config  # noqa: E402
@@ -67,14 +70,14 @@ def main(argv=None) -> int:
     p.add_argument("--sim_dim", type=int, default=32)
     p.add_argument("--module_name", choices=("SGR", "SAF"), default="SGR")
     p.add_argument("--words", type=int, default=1000, help="vocabulary size of the synthetic captions")
-    p.add_argument("--loop_captions", type=int, default=100, help="captions timed with the published loop")
+    p.add_argument("--loop_shards", type=int, default=5, help="100x100 shards timed with the published loop")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to compare")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")]
     torch.manual_seed(0)
     n, m = args.images, args.images * args.captions_per_image
+    shard = 100
 
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         root = Path(tmp)
@@ -85,38 +88,59 @@ def main(argv=None) -> int:
                         embed_size=args.embed_size, sim_dim=args.sim_dim, vocab_size=len(vocab), device="cpu")
         model = build_model(config).eval()
         ckpt = save_checkpoint(root / "model.pth.tar", model, config)
-        print(f"dataset + checkpoint written in {time.perf_counter() - t0:.1f} s; torch threads "
-              f"{torch.get_num_threads()}", flush=True)
+        print(f"dataset + checkpoint written in {time.perf_counter() - t0:.1f} s", flush=True)
+
+        captions = (root / "data" / "bench_precomp" / "test_caps.txt").read_text().splitlines()
+        images = np.load(root / "data" / "bench_precomp" / "test_ims.npy", mmap_mode="r")
+        emb = encode_split(model, images, [vocab.encode(c) for c in captions], progress=False)
+        # Shards spread over the matrix (image shard i, caption shard j), as the published double loop visits them.
+        n_img_shards, n_cap_shards = -(-n // shard), -(-m // shard)
+        total_shards = n_img_shards * n_cap_shards
+        k = min(args.loop_shards, total_shards)
+        picks = [(s_ * 7 % n_img_shards, s_ * 13 % n_cap_shards) for s_ in range(k)]
+
+        def published():
+            out = []
+            for i, j in picks:
+                sub = emb.subset(slice(i * shard, (i + 1) * shard), slice(j * shard, (j + 1) * shard))
+                out.append(model.sim_enc.forward_per_caption(sub.images, sub.captions, sub.lengths))
+            return out
 
         def ours():
             return evaluate([ckpt], config.data_path, "test", "full", device="cpu", progress=False)
 
-        t_ours = time_it(ours, repeats=args.repeats, warmup=0)    # minutes per call: no warm-up run
-
-        # Published loop on the same embeddings (from our encoder: identical to the published one).
-        captions = (root / "data" / "bench_precomp" / "test_caps.txt").read_text().splitlines()
-        images = np.load(root / "data" / "bench_precomp" / "test_ims.npy", mmap_mode="r")
-        emb = encode_split(model, images, [vocab.encode(c) for c in captions], progress=False)
-        k = min(args.loop_captions, m)
-        sub = emb.subset(slice(0, n), slice(0, k))
         with torch.inference_mode():
-            t_loop = time_it(lambda: model.sim_enc.forward_per_caption(sub.images, sub.captions, sub.lengths),
-                             repeats=args.repeats, warmup=1)
-            diff = float((model.sim_enc.forward_per_caption(sub.images, sub.captions, sub.lengths)
-                          - score(model, sub)).abs().max())
+            loop_scores = published()
+            full = score(model, emb)
+        diff = max(float((loop_scores[q] - full[i * shard:(i + 1) * shard, j * shard:(j + 1) * shard]).abs().max())
+                   for q, (i, j) in enumerate(picks))
+        times = {(t, path): [] for t in threads for path in ("ours", "published")}
+        for r in range(args.repeats):
+            for t in threads:
+                torch.set_num_threads(t)
+                times[(t, "ours")].append(time_it(ours, repeats=1, warmup=0)[0])
+                with torch.inference_mode():
+                    times[(t, "published")].append(time_it(published, repeats=1, warmup=0)[0] * total_shards / k)
+                print(f"repeat {r + 1}/{args.repeats}, {t} thread(s): ours {times[(t, 'ours')][-1]:.1f} s, "
+                      f"published {times[(t, 'published')][-1]:.1f} s (extrapolated)", flush=True)
 
-    ours_s = statistics.median(t_ours)
-    loop_s = statistics.median(t_loop) * m / k
     mean_len = float(coco_like_lengths(m).float().mean())
+    flops = flops_per_pair_batched(args.module_name, mean_len, args.embed_size, args.sim_dim) * n * m
+    rate = matmul_gflops(torch.device("cpu"))
+    best_pub = min(statistics.median(times[(t, "published")]) for t in threads)
     print(f"\n{args.module_name}, embed {args.embed_size}, sim {args.sim_dim}, img_dim {args.img_dim}: {n:,} images x "
-          f"{m:,} captions ({mean_len:.1f} tokens on average), median of {args.repeats} runs")
-    print(markdown_table(
-        ["path", "captions timed", "seconds for all pairs", "pairs/s", "speed-up"],
-        [["published loop (forward_per_caption), scoring only", f"{k:,} (x{m / k:g} extrapolated)", loop_s,
-          n * m / loop_s, 1.0],
-         ["vsl eval (evaluate(): load, tokenize, encode, score, metrics)", f"{m:,}", ours_s, n * m / ours_s,
-          loop_s / ours_s]]))
-    print(f"max |score difference| on the timed captions: {diff:.2e}")
+          f"{m:,} captions ({mean_len:.1f} tokens on average); medians of {args.repeats} interleaved runs")
+    print(f"published: {k} of {total_shards} 100x100 shards timed, extrapolated x{total_shards / k:g}; "
+          f"ours: vsl.evaluate.evaluate end to end (load, tokenize, encode, score, metrics)")
+    rows = []
+    for t in threads:
+        pub, our = statistics.median(times[(t, "published")]), statistics.median(times[(t, "ours")])
+        rows.append([t, pub, our, pub / our, best_pub / our, flops / our / 1e9])
+    print(markdown_table(["torch threads", "published shards (s)", "vsl eval (s)", "speed-up, same threads",
+                          "speed-up vs fastest published", "GFLOP/s (scoring FLOPs / eval time)"], rows))
+    print(f"float32 matrix product (2048^3): {rate:.1f} GFLOP/s; scoring needs {flops / 1e12:.2f} TFLOP, i.e. "
+          f"{flops / rate / 1e9:.1f} s at that rate")
+    print(f"max |score difference| on the timed shards: {diff:.2e}")
     return 0
 
 
