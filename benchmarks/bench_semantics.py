@@ -76,7 +76,6 @@ def batch_ids(num_captions: int, batches: int, batch_size: int = 128) -> np.ndar
 
 def measure(mode: str, corpus: Path, subset: int, batches: int) -> dict:
     """Runs in the subprocess: one measurement, returned as a dict."""
-    import scipy.sparse as sp
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     from vsl.data import read_captions

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -27,6 +26,7 @@ import torch
 
 from .config import Config
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write
 from .model import VSLModel, build_model
 
 FORMAT = "vsl-1"
@@ -125,18 +125,7 @@ def save_checkpoint(path: PathLike, model: VSLModel, config: Optional[Config] = 
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda fh: torch.save(payload, fh), fsync=True)
 
 
 def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ accepts the published flags verbatim.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional
 
 from .errors import ConfigError

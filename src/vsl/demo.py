@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 from .config import Config
+from .fileio import atomic_write, atomic_write_text
 
 #: Settings of both demo runs; everything else is the paper's default.
 DEMO_RECIPE: Dict[str, Any] = dict(
@@ -108,7 +108,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for label, run in runs.items():
         print(f"\n{label}:\n{format_table(run['test'])}")
     results["seconds"] = time.time() - start
-    _atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     print(f"\nwrote {out / 'results.json'}")
     if not args.no_plot:
         plot_demo(runs, out / "demo.png")
@@ -224,22 +224,7 @@ def plot_demo(runs: Dict[str, Dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("vsl demo: SGR with and without the Visual Semantic Loss")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
+from .fileio import atomic_write_text, file_mode
 from .vocab import SPECIAL_TOKENS, Vocabulary
 
 DATA_NAME = "demo_precomp"
@@ -381,25 +382,6 @@ def _result(out_dir: Path, spec: DemoSpec) -> Dict[str, object]:
             "img_dim": spec.img_dim, "num_regions": spec.num_regions}
 
 
-def _file_mode() -> int:
-    """Permissions of an ordinary new file (mkstemp creates 0600 ones)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _manifest(spec: DemoSpec, out_dir: Path) -> Dict[str, object]:
     return {"format": "vsl-demo-data", "version": VERSION, "spec": spec.to_dict(),
             "files": {k: [str(p.relative_to(out_dir)), p.stat().st_size]
@@ -443,7 +425,7 @@ def make_demo_data(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = 
     try:
         for split in SPLITS:
             scenes = sample_scenes(spec, split)
-            _atomic_write_text(paths[f"{split}_caps"],
+            atomic_write_text(paths[f"{split}_caps"],
                                "\n".join(write_captions(spec, split, scenes).captions) + "\n")
             target = paths[f"{split}_ims"]
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -456,14 +438,14 @@ def make_demo_data(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = 
                     bar.update(1)
                 ims.flush()
                 del ims
-                os.chmod(tmp, _file_mode())
+                os.chmod(tmp, file_mode())
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         demo_vocabulary().to_json(paths["vocab"])          # atomic (temp file + rename)
-        os.chmod(paths["vocab"], _file_mode())
-        _atomic_write_text(out_dir / MANIFEST, json.dumps(_manifest(spec, out_dir), indent=1) + "\n")
+        os.chmod(paths["vocab"], file_mode())
+        atomic_write_text(out_dir / MANIFEST, json.dumps(_manifest(spec, out_dir), indent=1) + "\n")
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write the demo dataset ({e.strerror or e})") from e
     finally:

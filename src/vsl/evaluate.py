@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -26,8 +25,9 @@ import torch
 from . import metrics
 from .checkpoint import load_state, read_checkpoint
 from .config import Config
-from .distributed import DistInfo, image_shard, sharded_similarity
-from .errors import CheckpointError, ConfigError, VSLError
+from .distributed import DistInfo, image_shard, resolve_device, sharded_similarity
+from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write
 from .logs import progress_bar
 from .model import VSLModel, build_model
 from .precision import precision_context
@@ -42,19 +42,6 @@ NUM_FOLDS = 5
 # --------------------------------------------------------------------------------------------
 # Devices
 # --------------------------------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` = the first CUDA device if there is one, else the CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (expected auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 # --------------------------------------------------------------------------------------------
 # Encoding and scoring
 # --------------------------------------------------------------------------------------------
@@ -282,29 +269,11 @@ def _shard_size(num_images: int, dist_info: DistInfo) -> int:
 # --------------------------------------------------------------------------------------------
 # Atomic writers
 # --------------------------------------------------------------------------------------------
-def _atomic_write(path: PathLike, write) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise VSLError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_json(path: PathLike, obj) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
-    return _atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
+    return atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def write_npy(path: PathLike, array: np.ndarray) -> Path:
     """Write ``array`` as ``.npy`` at exactly ``path``, atomically."""
-    return _atomic_write(path, lambda fh: np.save(fh, array))
+    return atomic_write(path, lambda fh: np.save(fh, array))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -23,6 +22,7 @@ from typing import Any, Dict, Optional, Union
 from tqdm.auto import tqdm
 
 from .errors import VSLError
+from .fileio import atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 METRICS_FILE = "metrics.jsonl"
@@ -129,7 +129,4 @@ def _truncate_after(path: Path, step: int) -> None:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except json.JSONDecodeError:
                 continue                           # a line cut short by the interruption
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.writelines(kept)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Union
@@ -18,6 +17,7 @@ from typing import Dict, Iterable, List, Sequence, Union
 from nltk.tokenize import NLTKWordTokenizer
 
 from .errors import DataError
+from .fileio import atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 
@@ -140,16 +140,7 @@ class Vocabulary:
         path = Path(path)
         data = {"word2idx": self.word2idx, "idx2word": {str(i): w for i, w in self.idx2word.items()},
                 "idx": len(self)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(data))
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
