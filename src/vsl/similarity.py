@@ -406,8 +406,8 @@ class SimilarityEncoder(nn.Module):
             words = cap_emb[j, : int(lengths[j])].unsqueeze(0)                 # (1, L, d)
             cap_glo = self.t_global_w(words, torch.ones(1, words.size(1), dtype=torch.bool,
                                                         device=words.device))
-            context = scan_text_to_image_attention(img_emb, words)[:, 0]      # (n, L, d)
-            words = words.expand(n, -1, -1)
+            words = words.expand(n, -1, -1)                                    # (n, L, d)
+            context = published_scan_attention(words, img_emb)
             sim_loc = l2norm(self.sim_tranloc_w((context - words) ** 2), dim=-1)
             sim_glo = l2norm(self.sim_tranglo_w((img_glo - cap_glo) ** 2), dim=-1)
             nodes = torch.cat([sim_glo.unsqueeze(1), sim_loc], dim=1)
@@ -419,6 +419,21 @@ class SimilarityEncoder(nn.Module):
                 vec = self.SAF_module.forward_published(nodes)
             out.append(torch.sigmoid(self.sim_eval_w(vec)))
         return torch.cat(out, dim=1)
+
+
+def published_scan_attention(query: torch.Tensor, context: torch.Tensor,
+                             smooth: float = ATTENTION_SMOOTH) -> torch.Tensor:
+    """SCAN text-to-image attention, one caption at a time, with the published sequence of operations.
+
+    ``query`` ``(n, L, d)`` (one caption repeated for ``n`` images), ``context`` ``(n, R, d)`` ->
+    ``(n, L, d)``. Kept for the per-caption reference loop, so that benchmarks compare against the
+    published arithmetic (a full softmax, transposed copies) rather than our rewrite of it.
+    """
+    attn = F.leaky_relu(torch.bmm(context, query.transpose(1, 2)), 0.1)     # (n, R, L)
+    attn = l2norm(attn, dim=2)
+    attn = F.softmax(attn.transpose(1, 2).contiguous() * smooth, dim=2)    # (n, L, R)
+    weighted = torch.bmm(context.transpose(1, 2), attn.transpose(1, 2).contiguous())  # (n, d, L)
+    return l2norm(weighted.transpose(1, 2), dim=-1)
 
 
 def default_chunk_elements(device: torch.device, embed_size: int) -> int:
