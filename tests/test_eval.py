@@ -153,3 +153,19 @@ def test_data_name_override_reads_another_dataset_folder(checkpoints, tmp_path):
                       vocab_path=data["vocab_path"], output=tmp_path / "out" / "r.json", progress=False)
     assert json.loads((tmp_path / "out" / "r.json").read_text())["rsum"] == pytest.approx(result["rsum"])
     assert result["captions"] == 20
+
+
+def test_eval_precision_and_chunk_options(checkpoints, coco_like, tmp_path):
+    """--precision bf16 scores stay close to fp32; --score_chunk does not change fp32 scores."""
+    common = ["eval", "--checkpoint", checkpoints["SGR"], "--data_path", coco_like["data_path"],
+              "--vocab_path", coco_like["vocab_path"], "--split", "test", "--quiet"]
+    paths = {}
+    for name, extra in {"fp32": [], "chunk": ["--score_chunk", "4096"], "bf16": ["--precision", "bf16"]}.items():
+        paths[name] = tmp_path / f"{name}.npy"
+        assert main(common + extra + ["--save_sims", str(paths[name])]) == 0
+    fp32, chunk, bf16 = (np.load(paths[k]) for k in ("fp32", "chunk", "bf16"))
+    np.testing.assert_allclose(chunk, fp32, atol=1e-6)
+    assert 0 < np.abs(bf16 - fp32).max() < 2e-2
+    with pytest.raises(SystemExit) as err:       # argparse rejects an unknown precision
+        main(common + ["--precision", "fp16"])
+    assert err.value.code == 2

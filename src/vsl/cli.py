@@ -207,6 +207,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     parser.add_argument("--batch_size", type=int, default=128, help="images/captions per encoding batch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="fp32 (exact), tf32 or bf16 scoring (default: the checkpoint's option, fp32)")
+    parser.add_argument("--score_chunk", type=int, default=None,
+                        help="elements of the largest scoring intermediate per chunk (default: automatic)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -219,7 +223,7 @@ def run_eval(args: argparse.Namespace) -> int:
         result = evaluate(args.checkpoint, args.data_path, args.split, args.protocol, vocab_path=args.vocab_path,
                           data_name=args.data_name, device=args.device, batch_size=args.batch_size,
                           output=args.output, save_sims=args.save_sims, progress=not args.quiet,
-                          distributed=info)
+                          distributed=info, precision=args.precision, score_chunk=args.score_chunk)
     finally:
         cleanup()
     if not info.is_main:

@@ -163,17 +163,18 @@ class LoadedModel:
 
 
 def load_for_eval(path: PathLike, device: torch.device, vocab_path: Optional[PathLike] = None,
-                  data_name: Optional[str] = None) -> LoadedModel:
+                  data_name: Optional[str] = None, **overrides) -> LoadedModel:
     """A checkpoint (published or vsl format) as an eval-mode model plus its vocabulary.
 
     The vocabulary is ``{vocab_path}/{data_name}_vocab.json``, both taken from the checkpoint's
-    options unless given (published checkpoints hold no vocabulary).
+    options unless given (published checkpoints hold no vocabulary). ``overrides`` replace options
+    that do not change the weights (``precision``, ``score_chunk``); None values are ignored.
     """
     from .vocab import Vocabulary, vocab_file
 
     path = Path(path)
     ckpt = read_checkpoint(path)
-    overrides = {}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if data_name is not None:
         overrides["data_name"] = data_name
     if vocab_path is not None:
@@ -202,12 +203,14 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
              protocol: str = "full", *, vocab_path: Optional[PathLike] = None, data_name: Optional[str] = None,
              device: str = "auto", batch_size: int = 128, output: Optional[PathLike] = None,
              save_sims: Optional[PathLike] = None, progress: bool = True,
-             distributed: Optional[DistInfo] = None) -> Dict:
+             distributed: Optional[DistInfo] = None, precision: Optional[str] = None,
+             score_chunk: Optional[int] = None) -> Dict:
     """Evaluate one checkpoint, or the ensemble of two (mean of their score matrices).
 
     ``data_path``, ``vocab_path`` and ``data_name`` default to the (first) checkpoint's options.
     ``distributed`` (a torchrun process): the images are split over the processes for scoring,
     every process returns the result, only the main one shows progress and writes files.
+    ``precision`` (fp32/tf32/bf16) and ``score_chunk`` override the checkpoints' options.
 
     Returns ``{"i2t": {r1, r5, r10, medr, meanr}, "t2i": {...}, "rsum", ["folds": [...]],
     "protocol", "split", "checkpoints", "images", "captions"}`` and optionally writes it as JSON
@@ -222,7 +225,8 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
     dist_info = distributed or DistInfo()
     dev = dist_info.device if distributed is not None else resolve_device(device)
     progress = progress and dist_info.is_main
-    loaded = [load_for_eval(p, dev, vocab_path, data_name) for p in checkpoints]
+    loaded = [load_for_eval(p, dev, vocab_path, data_name, precision=precision, score_chunk=score_chunk)
+              for p in checkpoints]
     names = {m.config.data_name for m in loaded}
     if len(names) > 1:
         raise ConfigError(f"the checkpoints were trained on different datasets ({', '.join(sorted(names))}); "
