@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -123,12 +122,6 @@ def _rank_main(rank: int, args, port: int, out: str) -> None:
         vdist.cleanup()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=2, help="processes of the distributed run")
@@ -149,7 +142,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.start_processes(_rank_main, args=(args, free_port(), out), nprocs=args.world, join=True,
+        mp.start_processes(_rank_main, args=(args, vdist.free_loopback_port(), out), nprocs=args.world, join=True,
                            start_method="spawn")
         result = torch.load(out, weights_only=True)
     times, losses = result["times"], result["losses"]

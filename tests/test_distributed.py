@@ -7,7 +7,6 @@ the BatchNorm running statistics, and sharded evaluation bit for bit.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -149,17 +148,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         vdist.cleanup()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Results of the 2-process Gloo run, loaded per rank."""
     out = tmp_path_factory.mktemp("ddp")
-    context = mp.start_processes(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False,
+    context = mp.start_processes(_worker, args=(WORLD, vdist.free_loopback_port(), str(out)), nprocs=WORLD, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + 240
     while not context.join(timeout=1):          # raises if a worker failed

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -102,6 +103,13 @@ class DistInfo:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+
+def free_loopback_port() -> int:
+    """A free TCP port on 127.0.0.1, for MASTER_PORT of single-machine process groups (tests, benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def launched_by_torchrun() -> bool:
