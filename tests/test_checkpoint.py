@@ -90,3 +90,18 @@ def test_fresh_model_config_roundtrip(tmp_path):
     model = build_model(cfg)
     save_checkpoint(tmp_path / "a.pth.tar", model)
     assert read_checkpoint(tmp_path / "a.pth.tar")["config"] == cfg
+
+
+def test_refusals_name_the_reason_without_torchs_unsafe_advice(tmp_path):
+    """The one-line error says what is wrong with the file, not how to load it unsafely."""
+    garbage = tmp_path / "garbage.pth.tar"
+    garbage.write_bytes(b"garbage\n")
+    with pytest.raises(CheckpointError) as err:
+        vsl.load_checkpoint(garbage)
+    assert "garbage.pth.tar" in str(err.value) and "weights_only" not in str(err.value)
+    evil = tmp_path / "evil.pth.tar"
+    torch.save({"model": [{}, {}, {}], "evil": Evil()}, evil)
+    with pytest.raises(CheckpointError) as err:
+        vsl.load_checkpoint(evil)
+    msg = str(err.value)
+    assert "Evil" in msg and "weights_only" not in msg and "\n" not in msg

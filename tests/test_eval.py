@@ -169,3 +169,20 @@ def test_eval_precision_and_chunk_options(checkpoints, coco_like, tmp_path):
     with pytest.raises(SystemExit) as err:       # argparse rejects an unknown precision
         main(common + ["--precision", "fp16"])
     assert err.value.code == 2
+
+
+def test_unwritable_output_paths_fail_before_scoring(checkpoints, coco_like, tmp_path, capsys, monkeypatch):
+    """--output / --save_sims that cannot be written are reported at once, with nothing scored or written."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    scored = []
+    monkeypatch.setattr(evaluate_mod, "score", lambda *a, **k: scored.append(1))
+    common = ["eval", "--checkpoint", checkpoints["SGR"], "--data_path", coco_like["data_path"],
+              "--vocab_path", coco_like["vocab_path"], "--quiet"]
+    for flag, target, words in (("--save_sims", tmp_path, "is a folder"),
+                                ("--output", blocker / "r.json", "a_file is a file")):
+        rc = main(common + [flag, str(target)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and err.startswith("vsl: error: ") and words in err
+    assert not scored
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

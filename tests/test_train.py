@@ -250,3 +250,11 @@ def test_nan_loss_stops_cleanly_and_mid_epoch_resume_is_exact(tmp_path, monkeypa
     again = [({k: v for k, v in r.items() if k != "time"}) for r in read_metrics(broken / "log")]
     assert again == strip
     assert {"tsl", "vsl", "triplet"} <= set(strip[0])
+
+
+def test_output_folder_that_is_a_file_fails_at_once_creating_nothing(dataset, tmp_path, capsys):
+    (tmp_path / "ckpt").write_text("not a folder")
+    rc = main(["train", *published_flags(dataset, tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "ckpt" in err and "not a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]      # no log folder left behind

@@ -40,11 +40,25 @@ def _torch_load(path: Path, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint (refused by the safe loader: {first})") from None
+        raise CheckpointError(f"{path}: not a checkpoint of vsl or the published code ({_unpickler_reason(exc)}); "
+                              "expected a torch.save file of tensors, plain data and argparse options") from None
     except Exception as exc:  # torch.load raises many types for damaged or foreign files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The one informative line of a safe-loader refusal, without torch's advice to load unsafely."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = text.split(marker, 1)[1].strip().splitlines()[0].strip()
+        # "Unsupported global: GLOBAL pkg.Cls was not an allowed global by default. Please use ..."
+        reason = reason.split(" was not an allowed global")[0].replace("Unsupported global: GLOBAL ", "holds class ")
+        if reason.startswith("Unsupported operand"):
+            reason = "not a pickle stream"
+        return reason
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:

@@ -27,7 +27,7 @@ from .checkpoint import load_state, read_checkpoint
 from .config import Config
 from .distributed import DistInfo, image_shard, resolve_device, sharded_similarity
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write
+from .fileio import atomic_write, check_writable
 from .logs import progress_bar
 from .model import VSLModel, build_model
 from .precision import precision_context
@@ -223,6 +223,9 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     dist_info = distributed or DistInfo()
+    for target in (output, save_sims):   # fail before the scoring, not after it
+        if target is not None and dist_info.is_main:
+            check_writable(target, "file")
     dev = dist_info.device if distributed is not None else resolve_device(device)
     progress = progress and dist_info.is_main
     loaded = [load_for_eval(p, dev, vocab_path, data_name, precision=precision, score_chunk=score_chunk)

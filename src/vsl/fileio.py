@@ -55,3 +55,27 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object], fsync: boo
 def atomic_write_text(path: PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` (newlines as given) atomically."""
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def check_writable(path: PathLike, kind: str = "file") -> Path:
+    """Fail early, creating nothing, if ``path`` cannot become a ``kind`` ("file" or "folder").
+
+    Long jobs call this before they start, so that a mistyped output path is reported at once
+    rather than after hours of training or scoring. Raises :class:`VSLError` naming the path.
+    """
+    path = Path(path)
+    if path.exists():
+        if kind == "folder" and not path.is_dir():
+            raise VSLError(f"{path}: exists and is not a folder (expected an output folder)")
+        if kind == "file" and path.is_dir():
+            raise VSLError(f"{path}: is a folder (expected a file path to write)")
+        target = path if kind == "folder" else path.parent
+    else:
+        target = path.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            raise VSLError(f"{path}: cannot be created, {target} is a file, not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise VSLError(f"{path}: cannot write in {target} (permission denied)")
+    return path

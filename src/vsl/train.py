@@ -36,6 +36,7 @@ from .checkpoint import load_state, read_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CheckpointError, ConfigError, VSLError
 from .evaluate import encode_split, resolve_device, score
+from .fileio import check_writable
 from .logs import RunLogger, progress_bar
 from .losses import VSLObjective
 from .model import VSLModel, build_model
@@ -145,6 +146,9 @@ class Trainer:
         self.rank, self.world_size, self.is_main, self.progress = rank, world_size, is_main, progress and is_main
         self.device = device or resolve_device(config.device)
         seed_everything(config.seed)
+        if self.is_main:                  # before any work: a bad output path fails at once
+            check_writable(config.model_name, "folder")
+            check_writable(config.logger_name, "folder")
 
         vocab = Vocabulary.from_json(vocab_file(config.vocab_path, config.data_name))
         config = config.replace(vocab_size=len(vocab))
