@@ -1,6 +1,7 @@
 """`vsl eval` end to end against the published one-caption-at-a-time scoring loop, same model, same run.
 
     python benchmarks/bench_eval.py [--images 1000 --captions_per_image 5 --embed_size 64 --sim_dim 32]
+    python benchmarks/bench_eval.py --device cuda --threads 8     # the same comparison on a GPU
 
 Setting of the issue: 1,000 images x 5,000 captions, a small SGR (embed 64, sim 32). A dataset in the
 SCAN layout (36 regions x img_dim float32 features, captions with MS-COCO-like lengths) and a
@@ -13,6 +14,8 @@ randomly initialised checkpoint are written to a temporary folder; then
   (``SimilarityEncoder.forward_per_caption`` on the shard's 100 images). ``--loop_shards`` shards
   (spread over the matrix) are timed and extrapolated linearly to all shards (every shard does the
   same work for captions of the same lengths). Encoding is not counted for it, which favours it.
+  As published, the embeddings stay on the host and each shard is copied to the device and its
+  scores back (no-ops on the CPU).
 
 Both are timed for every ``--threads`` setting, interleaved (ours, published, next thread count,
 next repeat), and the medians are reported, because other jobs share this machine.
@@ -21,6 +24,8 @@ The largest score difference between the two on the timed subset is printed as a
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +36,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if importlib.util.find_spec("vsl") is None:      # running from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import coco_like_lengths, flops_per_pair_batched, markdown_table, matmul_gflops, time_it  # noqa: E402
 
 from vsl.checkpoint import save_checkpoint  # noqa: E402
@@ -73,8 +80,10 @@ def main(argv=None) -> int:
     p.add_argument("--loop_shards", type=int, default=5, help="100x100 shards timed with the published loop")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to compare")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both paths run there)")
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
+    device = torch.device(args.device)
     torch.manual_seed(0)
     n, m = args.images, args.images * args.captions_per_image
     shard = 100
@@ -85,14 +94,15 @@ def main(argv=None) -> int:
         vocab = write_dataset(root, n, args.captions_per_image, args.img_dim, args.words)
         config = Config(data_path=str(root / "data"), data_name="bench_precomp", vocab_path=str(root / "vocab"),
                         module_name=args.module_name, img_dim=args.img_dim, word_dim=300,
-                        embed_size=args.embed_size, sim_dim=args.sim_dim, vocab_size=len(vocab), device="cpu")
-        model = build_model(config).eval()
+                        embed_size=args.embed_size, sim_dim=args.sim_dim, vocab_size=len(vocab), device=args.device)
+        model = build_model(config).to(device).eval()
         ckpt = save_checkpoint(root / "model.pth.tar", model, config)
         print(f"dataset + checkpoint written in {time.perf_counter() - t0:.1f} s", flush=True)
 
         captions = (root / "data" / "bench_precomp" / "test_caps.txt").read_text().splitlines()
         images = np.load(root / "data" / "bench_precomp" / "test_ims.npy", mmap_mode="r")
         emb = encode_split(model, images, [vocab.encode(c) for c in captions], progress=False)
+        host = type(emb)(emb.images.cpu(), emb.captions.cpu(), emb.lengths)     # published: numpy on the host
         # Shards spread over the matrix (image shard i, caption shard j), as the published double loop visits them.
         n_img_shards, n_cap_shards = -(-n // shard), -(-m // shard)
         total_shards = n_img_shards * n_cap_shards
@@ -102,12 +112,13 @@ def main(argv=None) -> int:
         def published():
             out = []
             for i, j in picks:
-                sub = emb.subset(slice(i * shard, (i + 1) * shard), slice(j * shard, (j + 1) * shard))
-                out.append(model.sim_enc.forward_per_caption(sub.images, sub.captions, sub.lengths))
+                sub = host.subset(slice(i * shard, (i + 1) * shard), slice(j * shard, (j + 1) * shard))
+                out.append(model.sim_enc.forward_per_caption(sub.images.to(device), sub.captions.to(device),
+                                                             sub.lengths).cpu())
             return out
 
         def ours():
-            return evaluate([ckpt], config.data_path, "test", "full", device="cpu", progress=False)
+            return evaluate([ckpt], config.data_path, "test", "full", device=args.device, progress=False)
 
         with torch.inference_mode():
             loop_scores = published()
@@ -118,17 +129,19 @@ def main(argv=None) -> int:
         for r in range(args.repeats):
             for t in threads:
                 torch.set_num_threads(t)
-                times[(t, "ours")].append(time_it(ours, repeats=1, warmup=0)[0])
+                times[(t, "ours")].append(time_it(ours, repeats=1, warmup=0, device=device)[0])
                 with torch.inference_mode():
-                    times[(t, "published")].append(time_it(published, repeats=1, warmup=0)[0] * total_shards / k)
+                    times[(t, "published")].append(
+                        time_it(published, repeats=1, warmup=0, device=device)[0] * total_shards / k)
                 print(f"repeat {r + 1}/{args.repeats}, {t} thread(s): ours {times[(t, 'ours')][-1]:.1f} s, "
                       f"published {times[(t, 'published')][-1]:.1f} s (extrapolated)", flush=True)
 
     mean_len = float(coco_like_lengths(m).float().mean())
     flops = flops_per_pair_batched(args.module_name, mean_len, args.embed_size, args.sim_dim) * n * m
-    rate = matmul_gflops(torch.device("cpu"))
+    rate = matmul_gflops(device)
     best_pub = min(statistics.median(times[(t, "published")]) for t in threads)
-    print(f"\n{args.module_name}, embed {args.embed_size}, sim {args.sim_dim}, img_dim {args.img_dim}: {n:,} images x "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"\n{args.module_name} on {args.device} ({where}, torch {torch.__version__}), embed {args.embed_size}, sim {args.sim_dim}, img_dim {args.img_dim}: {n:,} images x "
           f"{m:,} captions ({mean_len:.1f} tokens on average); medians of {args.repeats} interleaved runs")
     print(f"published: {k} of {total_shards} 100x100 shards timed, extrapolated x{total_shards / k:g}; "
           f"ours: vsl.evaluate.evaluate end to end (load, tokenize, encode, score, metrics)")

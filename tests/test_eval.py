@@ -186,3 +186,20 @@ def test_unwritable_output_paths_fail_before_scoring(checkpoints, coco_like, tmp
         assert rc == 2 and err.count("\n") == 1 and err.startswith("vsl: error: ") and words in err
     assert not scored
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_bench_eval_smoke(capsys):
+    """benchmarks/bench_eval.py runs end to end at tiny sizes and agrees with the published loop."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval.py"
+    spec = importlib.util.spec_from_file_location("bench_eval_smoke", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--images", "20", "--img_dim", "16", "--words", "30", "--loop_shards", "1",
+                       "--repeats", "1", "--threads", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| torch threads |" in out and "20 images x 100 captions" in out
+    diff = float(out.rsplit("max |score difference| on the timed shards:", 1)[1].split()[0])
+    assert diff < 1e-5

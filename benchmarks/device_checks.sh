@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 4 and 7 as one run (about 8 minutes on one H200), results in $OUT.
+#
+#   1. bench_eval.py on CUDA: `vsl eval` end to end vs the published 100x100-shard loop,
+#      1,000 images x 5,000 captions, SGR embed 64 / sim 32 (issue 4's setting);
+#   2. bench_eval.py on the machine's CPU cores (issue 4's setting, all threads);
+#   3. bench_gpu.py: matmul rates, COCO-5K scoring fp32/tf32/bf16, loop vs batched, training step (issue 7).
+#
+# The device image has torch but not nltk (used by vsl's tokenizer). Before the run, on the dev machine:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl nltk==3.10.4
+# then run this script through the device tool with carry [".whl"]:
+#   bash benchmarks/device_checks.sh        (timeout_s 600)
+set -uo pipefail
+OUT=${OUT:-/tmp/vsl-device-checks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc;
+  python3 -c "import torch; print('torch', torch.__version__)"; git log -1 --oneline 2>/dev/null; } \
+    2>&1 | tee "$OUT/device.txt"
+threads=$(nproc)
+timeout 120 python3 benchmarks/bench_eval.py --device cuda --threads "$threads" --repeats 3 --loop_shards 20 \
+    2>&1 | tee "$OUT/bench_eval_cuda.md"
+timeout 150 python3 benchmarks/bench_eval.py --device cpu --threads "$threads" --repeats 2 --loop_shards 10 \
+    2>&1 | tee "$OUT/bench_eval_cpu.md"
+timeout 330 python3 benchmarks/bench_gpu.py --time-budget 300 --json "$OUT/bench_gpu.json" \
+    2>&1 | tee "$OUT/bench_gpu.md"
