@@ -130,7 +130,8 @@ class GraphReasoning(nn.Module):
         """Only node 0 of :meth:`forward`: ``(P, N, s)`` -> ``(P, s)``."""
         weight, bias = self.folded_query_key()
         query = F.linear(nodes[:, 0], weight, bias)                          # (P, s)
-        logits = (nodes @ query.unsqueeze(-1)).squeeze(-1)                   # (P, N)
+        # A batched dot product, not a bmm: a (N, s) x (s, 1) product per pair runs ~3x slower on CPU.
+        logits = torch.linalg.vecdot(nodes, query.unsqueeze(1))              # (P, N)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         pooled = (_softmax_short_rows(logits).unsqueeze(1) @ nodes).squeeze(1)   # (P, s)
