@@ -207,8 +207,8 @@ def test_caption_count_mismatch(toy):
 
 @pytest.mark.parametrize("array, message", [
     (np.zeros((6, 32), np.float32), "rank-3"),
-    (np.zeros((6, 4, 8), np.float64), "float32"),
-    (np.zeros((6, 4, 8), np.float16), "float32"),
+    (np.zeros((6, 4, 8), np.int32), "floating-point"),
+    (np.zeros((6, 4, 8), np.complex64), "floating-point"),
     (np.zeros((0, 4, 8), np.float32), "at least one image"),
 ])
 def test_bad_feature_array(tmp_path, array, message):
@@ -217,6 +217,36 @@ def test_bad_feature_array(tmp_path, array, message):
     with pytest.raises(DataError) as info:
         open_features(path)
     assert_one_line(info, path, message)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, ">f4"])
+def test_other_float_widths_are_read_as_float32(toy, dtype):
+    """As the published loader (torch.Tensor(array)) does: any float file gives float32 samples."""
+    path = toy.root / "toy_precomp" / "train_ims.npy"
+    np.save(path, toy.ims.astype(dtype))
+    dataset = PrecompDataset(toy.root, "toy_precomp", "train", toy.vocab)
+    image = dataset[17][0]
+    assert image.dtype == torch.float32
+    assert torch.equal(image, torch.from_numpy(toy.ims[3].astype(dtype).astype(np.float32)))
+
+
+def test_non_finite_features_name_the_file_and_image(toy):
+    path = toy.root / "toy_precomp" / "train_ims.npy"
+    ims = toy.ims.copy()
+    ims[4, 1, 2] = np.nan
+    np.save(path, ims)
+    dataset = PrecompDataset(toy.root, "toy_precomp", "train", toy.vocab)
+    dataset[0]                                                              # image 0 is fine
+    with pytest.raises(DataError) as info:
+        dataset[4 * 5]
+    assert_one_line(info, path, "image 4", "non-finite")
+    # Through DataLoader workers the same one-line message arrives, without the worker's traceback.
+    loader = make_loader(dataset, batch_size=30, shuffle=False, workers=1)
+    with pytest.raises(DataError) as info:
+        for _ in loader:
+            pass
+    assert_one_line(info, path, "image 4", "non-finite")
+    assert "Traceback" not in str(info.value)
 
 
 def test_truncated_or_foreign_feature_file(toy):
@@ -248,6 +278,8 @@ def test_empty_caption_line(tmp_path):
     path.write_text("")
     with pytest.raises(DataError, match="no captions"):
         read_captions(path)
+    path.write_text("a dog .\na cat .\n\n  \n\n")                    # blank lines after the last caption
+    assert read_captions(path) == ["a dog .", "a cat ."]
 
 
 def test_non_utf8_caption_line(tmp_path):

@@ -203,3 +203,29 @@ def test_bench_eval_smoke(capsys):
     assert "| torch threads |" in out and "20 images x 100 captions" in out
     diff = float(out.rsplit("max |score difference| on the timed shards:", 1)[1].split()[0])
     assert diff < 1e-5
+
+
+def test_non_finite_features_are_a_one_line_error_naming_the_image(checkpoints, tmp_path, capsys):
+    data = write_scan_dataset(tmp_path, "coco_precomp", {"test": 4}, img_dim=64, num_regions=36,
+                              extra_words=21, seed=3)
+    path = next(tmp_path.rglob("test_ims.npy"))
+    ims = np.load(path)
+    ims[2, 5, 7] = np.inf
+    np.save(path, ims)
+    rc = main(["eval", "--checkpoint", checkpoints["SGR"], "--data_path", data["data_path"],
+               "--vocab_path", data["vocab_path"], "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "test_ims.npy" in err and "image 2 has non-finite" in err
+
+
+def test_float64_features_give_the_float32_scores(checkpoints, tmp_path):
+    data = write_scan_dataset(tmp_path, "coco_precomp", {"test": 4}, img_dim=64, num_regions=36,
+                              extra_words=21, seed=3)
+    sims32, sims64 = tmp_path / "s32.npy", tmp_path / "s64.npy"
+    evaluate([checkpoints["SAF"]], data["data_path"], "test", vocab_path=data["vocab_path"], save_sims=sims32,
+             progress=False)
+    path = next(tmp_path.rglob("test_ims.npy"))
+    np.save(path, np.load(path).astype(np.float64))
+    evaluate([checkpoints["SAF"]], data["data_path"], "test", vocab_path=data["vocab_path"], save_sims=sims64,
+             progress=False)
+    assert np.array_equal(np.load(sims32), np.load(sims64))

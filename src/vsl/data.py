@@ -3,6 +3,7 @@
 Layout, as distributed::
 
     DATA/{coco_precomp,f30k_precomp}/{split}_ims.npy    N x 36 x 2048 float32 region features
+                                                        (float16 / float64 files are read as float32)
     DATA/{coco_precomp,f30k_precomp}/{split}_caps.txt   one caption per line, 5 per image (or 1)
 
 Features are memory-mapped and read one image at a time (COCO train is 33 GB); captions are kept
@@ -28,7 +29,7 @@ PathLike = Union[str, os.PathLike]
 
 SPLITS = ("train", "dev", "test", "testall")
 VALIDATION_CAPTIONS = 5000          # the published code validates on the first 5,000 dev captions
-FEATURE_DTYPE = np.dtype("<f4")
+FEATURE_DTYPE = np.dtype("<f4")     # what the models see; files may hold any float width
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,10 +62,9 @@ def read_captions(path: PathLike) -> List[str]:
         raise DataError(f"{path}: line {line} is not valid UTF-8 (expected UTF-8 text, one caption per line)") from None
     if text.startswith("\ufeff"):
         text = text[1:]
-    lines = text.split("\n")
-    if lines[-1] == "":          # the newline that ends the last caption
-        lines.pop()
-    captions = [line.strip() for line in lines]
+    captions = [line.strip() for line in text.split("\n")]
+    while captions and not captions[-1]:     # the newline that ends the last caption, and blank lines after it
+        captions.pop()
     if not captions:
         raise DataError(f"{path}: no captions (expected one caption per line)")
     if not all(captions):
@@ -92,13 +92,17 @@ def _read_npy_header(path: Path) -> Tuple[tuple, np.dtype, bool, int]:
 
 
 def open_features(path: PathLike) -> np.memmap:
-    """Memory-map a ``(N, regions, dim)`` float32 ``.npy`` read-only, after checking its header and size."""
+    """Memory-map a ``(N, regions, dim)`` float ``.npy`` read-only, after checking its header and size.
+
+    The map keeps the file's dtype (float32 as distributed; float16 and float64 are accepted too);
+    readers convert to float32.
+    """
     path = Path(path)
     shape, dtype, fortran_order, offset = _read_npy_header(path)
     if len(shape) != 3:
         raise DataError(f"{path}: expected a rank-3 array (images x regions x dim), got shape {shape}")
-    if dtype != FEATURE_DTYPE:
-        raise DataError(f"{path}: expected float32 features, got dtype {dtype}")
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise DataError(f"{path}: expected floating-point features (float32, float16 or float64), got dtype {dtype}")
     if fortran_order:
         raise DataError(f"{path}: expected a C-ordered array, got Fortran order")
     if 0 in shape:
@@ -106,8 +110,20 @@ def open_features(path: PathLike) -> np.memmap:
     expected = offset + math.prod(shape) * dtype.itemsize
     actual = path.stat().st_size
     if actual < expected:
-        raise DataError(f"{path}: truncated: {actual} bytes, expected {expected} for shape {shape} float32")
+        raise DataError(f"{path}: truncated: {actual} bytes, expected {expected} for shape {shape} {dtype}")
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
+
+
+def check_finite(features: np.ndarray, path: PathLike, first_image: int = 0) -> None:
+    """DataError naming the file and image when ``features`` (one image or a batch) hold NaN or inf.
+
+    A NaN feature would otherwise turn a whole row of scores into NaN, or stop training with a
+    NaN loss far from its cause.
+    """
+    finite = np.isfinite(features)
+    if not finite.all():
+        bad = first_image + (int(np.argwhere(~finite)[0][0]) if features.ndim == 3 else 0)
+        raise DataError(f"{path}: image {bad} has non-finite features (NaN or inf)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,12 +159,13 @@ class PrecompDataset(Dataset):
         if max_captions is not None:
             self.captions = self.captions[:max_captions]
         self.num_images = math.ceil(len(self.captions) / self.captions_per_image)
-        self._image_bytes = self.num_regions * self.img_dim * FEATURE_DTYPE.itemsize
+        self.file_dtype = self._images.dtype
+        self._image_bytes = self.num_regions * self.img_dim * self.file_dtype.itemsize
         self._data_offset = self._images.offset
 
     @property
     def images(self) -> np.memmap:
-        """All features, ``(N, regions, dim)`` float32, memory-mapped read-only."""
+        """All features, ``(N, regions, dim)`` in the file's dtype, memory-mapped read-only."""
         if self._images is None:
             self._images = open_features(self.images_path)
         return self._images
@@ -157,7 +174,7 @@ class PrecompDataset(Dataset):
         return len(self.captions)
 
     def read_image(self, image_id: int) -> np.ndarray:
-        """Features of one image, ``(regions, dim)`` float32, in a fresh array.
+        """Features of one image, ``(regions, dim)`` float32, in a fresh array; non-finite values are an error.
 
         Uses ``pread`` rather than slicing the memmap: pages read through a mapping stay mapped and
         count towards the process' resident memory (7.5 GB after 200 COCO batches), whereas
@@ -165,7 +182,7 @@ class PrecompDataset(Dataset):
         """
         if self._fd is None:
             self._fd = os.open(self.images_path, os.O_RDONLY)
-        out = np.empty((self.num_regions, self.img_dim), dtype=FEATURE_DTYPE)
+        out = np.empty((self.num_regions, self.img_dim), dtype=self.file_dtype)
         view, offset = memoryview(out).cast("B"), self._data_offset + int(image_id) * self._image_bytes
         done = 0
         while done < self._image_bytes:
@@ -173,6 +190,9 @@ class PrecompDataset(Dataset):
             if n == 0:
                 raise DataError(f"{self.images_path}: truncated while reading image {image_id}")
             done += n
+        if out.dtype != FEATURE_DTYPE:
+            out = out.astype(FEATURE_DTYPE)
+        check_finite(out, self.images_path, int(image_id))
         return out
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:

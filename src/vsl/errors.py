@@ -10,6 +10,15 @@ of showing a traceback.
 class VSLError(Exception):
     """Base class of errors that the command line reports as one line with exit status 2."""
 
+    def __init__(self, message: object = "", *args: object) -> None:
+        text = str(message)
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+            # Re-raised by a DataLoader worker, whose message carries the worker's traceback; keep
+            # the original one-line message, its last line after "vsl.errors.DataError: ".
+            last = text.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message, *args)
+
 
 class DataError(VSLError):
     """A data file (features, captions, vocabulary) is missing or malformed."""

@@ -26,6 +26,7 @@ from . import metrics
 from .checkpoint import load_state, read_checkpoint
 from .config import Config
 from .distributed import DistInfo, image_shard, resolve_device, sharded_similarity
+from .data import check_finite
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, check_writable
 from .logs import progress_bar
@@ -76,8 +77,10 @@ def pad_token_ids(token_ids: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, tor
 @torch.inference_mode()
 def encode_split(model: VSLModel, images: np.ndarray, token_ids: Sequence[Sequence[int]], *,
                  batch_size: int = 128, progress: bool = True, precision: str = "fp32",
-                 desc: str = "encode") -> Embeddings:
+                 desc: str = "encode", source: str = "image features") -> Embeddings:
     """Encode ``images`` ``(n, R, D)`` (a memmap is read batch by batch) and captions (lists of ids).
+
+    ``source`` names the features in errors (non-finite values are a :class:`DataError`).
 
     Returns :class:`Embeddings` on the model's device, in the order given.
     """
@@ -89,7 +92,9 @@ def encode_split(model: VSLModel, images: np.ndarray, token_ids: Sequence[Sequen
         img_parts = []
         for i in range(0, n, batch_size):
             # A copy: memmaps are read-only, and only this batch is read from disk.
-            batch = torch.from_numpy(np.array(images[i:i + batch_size], dtype=np.float32))
+            array = np.array(images[i:i + batch_size], dtype=np.float32)
+            check_finite(array, source, i)
+            batch = torch.from_numpy(array)
             img_parts.append(model.encode_images(batch.to(device)).float())
             bar.update(len(batch))
         cap_emb = None
@@ -248,6 +253,7 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
     for m in loaded:
         tokens = [m.vocab.encode(c) for c in dataset.captions]
         emb = encode_split(m.model, dataset.images[:num_images], tokens, batch_size=batch_size,
+                           source=str(dataset.images_path),
                            progress=progress, precision=m.config.precision, desc=f"encode {m.path.name}")
         bar = progress_bar(pairs_per_model, f"score {m.path.name}", enabled=progress, unit="pair", unit_scale=True)
         for b, (img_s, cap_s) in enumerate(blocks):

@@ -269,7 +269,7 @@ class Trainer:
         """Dev retrieval metrics (``retrieval_metrics`` form, with ``rsum``)."""
         self.model.eval()
         n = self.dev_set.num_images
-        emb = encode_split(self.model, self.dev_set.images[:n], self.dev_tokens,
+        emb = encode_split(self.model, self.dev_set.images[:n], self.dev_tokens, source=str(self.dev_set.images_path),
                            batch_size=self.config.batch_size, progress=False, precision=self.config.precision)
         start, stop = vdist.image_shard(n, self.rank, self.world_size)     # this rank's share of the rows
         bar = progress_bar((stop - start) * len(self.dev_tokens), "validate", enabled=self.progress, unit="pair",
