@@ -111,3 +111,11 @@ def test_python_dash_m_and_console_script(tmp_path):
     out = subprocess.run([script, "eval", "--checkpoint", str(tmp_path / "missing.pth.tar")], capture_output=True,
                          text=True, env=env, timeout=120)
     assert out.returncode == 2 and "missing.pth.tar" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_unknown_option_is_reported_by_its_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--checkpoint", "x.pth.tar", "--bogus_flag", "3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "vsl eval: error: unrecognized arguments: --bogus_flag 3" in err and "usage: vsl eval" in err

@@ -277,31 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train SGR/SAF with VSL (published flags accepted)",
                        description=TRAIN_DESCRIPTION, formatter_class=_Formatter)
     add_train_arguments(p)
-    p.set_defaults(handler=run_train)
+    p.set_defaults(handler=run_train, command_parser=p)
 
     p = sub.add_parser("eval", help="evaluate one checkpoint or the SGRAF ensemble of two",
                        description=EVAL_DESCRIPTION, formatter_class=_Formatter)
     add_eval_arguments(p)
-    p.set_defaults(handler=run_eval)
+    p.set_defaults(handler=run_eval, command_parser=p)
 
     p = sub.add_parser("make-demo-data", help="write the procedural demo dataset (SCAN layout)",
                        description="Write a small procedural dataset in the SCAN layout, with its vocabulary.",
                        formatter_class=_Formatter)
     add_demo_data_arguments(p)
-    p.set_defaults(handler=run_make_demo_data)
+    p.set_defaults(handler=run_make_demo_data, command_parser=p)
 
     p = sub.add_parser("demo", help="train SGR with and without VSL on the demo data and compare",
                        description="Train SGR with and without VSL on the demo data at reduced size and "
                                    "compare them.", formatter_class=_Formatter)
     add_demo_arguments(p)
-    p.set_defaults(handler=run_demo)
+    p.set_defaults(handler=run_demo, command_parser=p)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``vsl`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:          # reported by the command's own parser, so that its usage is shown
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except VSLError as exc:
