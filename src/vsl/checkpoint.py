@@ -43,8 +43,12 @@ def _torch_load(path: Path, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path}: not a checkpoint of vsl or the published code ({_unpickler_reason(exc)}); "
                               "expected a torch.save file of tensors, plain data and argparse options") from None
     except Exception as exc:  # torch.load raises many types for damaged or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _unpickler_reason(exc: Exception) -> str:
@@ -58,7 +62,7 @@ def _unpickler_reason(exc: Exception) -> str:
         if reason.startswith("Unsupported operand"):
             reason = "not a pickle stream"
         return reason
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return _first_line(exc)
 
 
 def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:

@@ -154,10 +154,9 @@ def _train_and_test(configs: Dict[str, Config], data: Dict[str, Any], parallel: 
         futures = {label: pool.submit(train_and_test, cfg.to_dict(), data, threads, False)
                    for label, cfg in configs.items()}
         while not all(f.done() for f in futures.values()):
-            done = sum(min(total[label], _logged_iterations(cfg)) for label, cfg in configs.items())
-            bar.update(done - bar.n)
-            testing = [label for label, cfg in configs.items() if _logged_iterations(cfg) >= total[label]
-                       and not futures[label].done()]
+            logged = {label: _logged_iterations(cfg) for label, cfg in configs.items()}   # one read per log
+            bar.update(sum(min(total[label], n) for label, n in logged.items()) - bar.n)
+            testing = [label for label, n in logged.items() if n >= total[label] and not futures[label].done()]
             bar.set_postfix_str(("testing " + ", ".join(testing)) if testing else "", refresh=False)
             time.sleep(1.0)
         bar.update(bar.total - bar.n)
@@ -203,6 +202,7 @@ def plot_demo(runs: Dict[str, Dict[str, Any]], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     import numpy as np
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -222,7 +222,7 @@ def plot_demo(runs: Dict[str, Dict[str, Any]], path: Path) -> Path:
     axes[1].set(title="validation rsum (dev)", xlabel="epoch", ylabel="rsum")
     axes[2].set(title="test recall", ylabel="%", xticks=np.arange(len(keys)) + width * (len(runs) - 1) / 2,
                 xticklabels=[f"{a} R@{k[1:]}" for a, k in keys], ylim=(0, 100))
-    axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.legend(fontsize=8, loc="lower left" if ax is axes[2] else "best")
         ax.grid(alpha=0.3)

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
-from .fileio import atomic_write_text, file_mode
+from .fileio import atomic_write_text, temporary_sibling
 from .vocab import SPECIAL_TOKENS, Vocabulary
 
 DATA_NAME = "demo_precomp"
@@ -428,8 +427,7 @@ def make_demo_data(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = 
             atomic_write_text(paths[f"{split}_caps"],
                                "\n".join(write_captions(spec, split, scenes).captions) + "\n")
             target = paths[f"{split}_ims"]
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            os.close(fd)
+            tmp = temporary_sibling(target)           # the memmap is written in place, then renamed
             try:
                 ims = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
                                                 shape=(spec.images(split), spec.num_regions, spec.img_dim))
@@ -438,13 +436,11 @@ def make_demo_data(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = 
                     bar.update(1)
                 ims.flush()
                 del ims
-                os.chmod(tmp, file_mode())
                 os.replace(tmp, target)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
-        demo_vocabulary().to_json(paths["vocab"])          # atomic (temp file + rename)
-        os.chmod(paths["vocab"], file_mode())
+        demo_vocabulary().to_json(paths["vocab"])          # atomic, with ordinary file permissions
         atomic_write_text(out_dir / MANIFEST, json.dumps(_manifest(spec, out_dir), indent=1) + "\n")
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write the demo dataset ({e.strerror or e})") from e
