@@ -60,8 +60,8 @@ def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
 def measure(mode: str, root: Path, batches: int, batch_size: int, seed: int) -> dict:
     """Runs in the subprocess: one measurement, returned as a dict."""
     from vsl.data import PrecompDataset, make_loader
-    from vsl.semantics import build_semantics
-    from vsl.vocab import Vocabulary
+    from vsl.data.semantics import build_semantics
+    from vsl.data.vocab import Vocabulary
 
     class MemmapSlicing(PrecompDataset):
         def read_image(self, image_id):

@@ -39,7 +39,7 @@ from common import coco_like_lengths, markdown_table  # noqa: E402
 from vsl import distributed as vdist  # noqa: E402
 from vsl.config import Config  # noqa: E402
 from vsl.losses import VSLObjective  # noqa: E402
-from vsl.model import build_model  # noqa: E402
+from vsl.models import build_model  # noqa: E402
 
 
 def make_config(args) -> Config:

@@ -7,7 +7,7 @@ Setting of the issue: 1,000 images x 5,000 captions, a small SGR (embed 64, sim 
 SCAN layout (36 regions x img_dim float32 features, captions with MS-COCO-like lengths) and a
 randomly initialised checkpoint are written to a temporary folder; then
 
-* ours: :func:`vsl.evaluate.evaluate` on it, i.e. everything ``vsl eval`` does (checkpoint and
+* ours: :func:`vsl.evaluation.evaluate` on it, i.e. everything ``vsl eval`` does (checkpoint and
   vocabulary loading, tokenization, encoding, batched scoring, metrics), median of ``--repeats``;
 * published: the published evaluation's ``shard_attn_scores`` (shard_size 100): the matrix in
   100-image x 100-caption shards, each scored by the one-caption-at-a-time loop
@@ -42,9 +42,9 @@ from common import coco_like_lengths, flops_per_pair_batched, markdown_table, ma
 
 from vsl.checkpoint import save_checkpoint  # noqa: E402
 from vsl.config import Config  # noqa: E402
-from vsl.evaluate import encode_split, evaluate, score  # noqa: E402
-from vsl.model import build_model  # noqa: E402
-from vsl.vocab import Vocabulary  # noqa: E402
+from vsl.evaluation import encode_split, evaluate, score  # noqa: E402
+from vsl.models import build_model  # noqa: E402
+from vsl.data.vocab import Vocabulary  # noqa: E402
 
 
 def write_dataset(root: Path, images: int, per_image: int, img_dim: int, words: int, seed: int = 0) -> Vocabulary:
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     print(f"\n{args.module_name} on {args.device} ({where}, torch {torch.__version__}), embed {args.embed_size}, sim {args.sim_dim}, img_dim {args.img_dim}: {n:,} images x "
           f"{m:,} captions ({mean_len:.1f} tokens on average); medians of {args.repeats} interleaved runs")
     print(f"published: {k} of {total_shards} 100x100 shards timed, extrapolated x{total_shards / k:g}; "
-          f"ours: vsl.evaluate.evaluate end to end (load, tokenize, encode, score, metrics)")
+          f"ours: vsl.evaluation.evaluate end to end (load, tokenize, encode, score, metrics)")
     rows = []
     for t in threads:
         pub, our = statistics.median(times[(t, "published")]), statistics.median(times[(t, "ours")])

@@ -69,9 +69,9 @@ from tqdm import tqdm
 
 from vsl.config import PRECISIONS, Config
 from vsl.losses import VSLObjective
-from vsl.model import VSLModel, build_model
+from vsl.models import VSLModel, build_model
 from vsl.precision import precision_context
-from vsl.similarity import default_chunk_elements
+from vsl.models.similarity import default_chunk_elements
 
 #: Full-size (published) and smoke-test settings; command-line values override either.
 FULL = dict(images=5000, captions=25000, loop_images=1000, loop_captions=1000, loop_shard=100,

@@ -3,11 +3,11 @@
 Builds a 566,435-caption corpus (the shared COCO captions repeated with shuffled word order), then,
 each in a fresh subprocess so that peak RSS (ru_maxrss) is its own:
 
-* ``tfidf``: fit :class:`vsl.semantics.TfidfSemantics` on the whole corpus (target < 60 s and
+* ``tfidf``: fit :class:`vsl.data.semantics.TfidfSemantics` on the whole corpus (target < 60 s and
   < 1.5 GB peak RSS) and time the B x B matrices of batches of 128.
 * ``dense``: the published dense TF-IDF matrix on a subset of the corpus, against ``sparse`` on the
   same subset (the baseline; the dense matrix of the full corpus is reported, not built).
-* ``cider``: fit :class:`vsl.semantics.CiderSemantics` on the 25,000 COCO 5K-test captions.
+* ``cider``: fit :class:`vsl.data.semantics.CiderSemantics` on the 25,000 COCO 5K-test captions.
 
 Usage: python benchmarks/bench_semantics.py [--captions 566435] [--subset 10000] [--batches 50]
 """
@@ -79,7 +79,7 @@ def measure(mode: str, corpus: Path, subset: int, batches: int) -> dict:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     from vsl.data import read_captions
-    from vsl.semantics import (CiderSemantics, TfidfSemantics, caption_semantic_from_rows,
+    from vsl.data.semantics import (CiderSemantics, TfidfSemantics, caption_semantic_from_rows,
                                image_semantic_from_rows)
 
     captions = read_captions(corpus)

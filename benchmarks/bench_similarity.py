@@ -19,7 +19,7 @@ from common import (coco_like_lengths, flops_per_pair_batched, flops_per_pair_pu
                     markdown_table, matmul_gflops, time_it)
 
 from vsl.config import Config  # noqa: E402
-from vsl.model import build_model  # noqa: E402
+from vsl.models import build_model  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,7 @@ def flops_per_pair_published(module_name: str, length: float, d: int, s: int, re
 
 def flops_per_pair_batched(module_name: str, length: float, d: int, s: int, regions: int = 36,
                            sgr_step: int = 3) -> float:
-    """FLOPs that :class:`vsl.similarity.SimilarityEncoder` executes per pair.
+    """FLOPs that :class:`vsl.models.similarity.SimilarityEncoder` executes per pair.
 
     SGR: folded query/key (one N s^2 projection instead of two) and a last step that only updates
     node 0 (2 s^2 + 2 N s instead of 3 N s^2 + 2 N^2 s).

@@ -10,7 +10,7 @@ import vsl
 from vsl.checkpoint import read_checkpoint, save_checkpoint
 from vsl.config import Config
 from vsl.errors import CheckpointError
-from vsl.model import build_model
+from vsl.models import build_model
 
 
 def test_published_checkpoint_options_rebuild_model(fixtures_dir):

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from vsl.config import Config
-from vsl.data import (Batch, Collate, EpochSampler, PrecompDataset, check_compatible, default_max_captions,
+from vsl.data import (Batch, Collate, EpochSampler, PrecompDataset, check_fits, default_max_captions,
                       make_loader, open_features, read_captions, split_files)
-from vsl.errors import CheckpointError, ConfigError, DataError, VSLError
-from vsl.semantics import build_semantics
-from vsl.vocab import Vocabulary
+from vsl.errors import ConfigError, DataError, FitError, VSLError
+from vsl.data.semantics import build_semantics
+from vsl.data.vocab import Vocabulary
 
 WORDS = "a man woman dog cat riding sitting on the bench surfboard wave red blue".split()
 
@@ -300,14 +300,17 @@ def test_caption_file_details(tmp_path):
 
 def test_checkpoint_must_fit_vocabulary_and_features(toy):
     source = toy.root / "model_best.pth.tar"
-    good = Config(vocab_size=len(toy.vocab), img_dim=8)
-    check_compatible(good, toy.dataset, toy.vocab, source)
-    with pytest.raises(CheckpointError) as info:
-        check_compatible(good.replace(vocab_size=11353), toy.dataset, toy.vocab, source)
+    good = Config(vocab_size=len(toy.vocab), img_dim=8, num_regions=toy.dataset.num_regions)
+    check_fits(good, toy.dataset, toy.vocab, source=source)
+    with pytest.raises(FitError) as info:
+        check_fits(good.replace(vocab_size=11353), toy.dataset, toy.vocab, source=source)
     assert_one_line(info, source, "11353", str(len(toy.vocab)))
-    with pytest.raises(CheckpointError) as info:
-        check_compatible(good.replace(img_dim=2048), toy.dataset, toy.vocab, source)
+    with pytest.raises(FitError) as info:
+        check_fits(good.replace(img_dim=2048), toy.dataset, toy.vocab, source=source)
     assert_one_line(info, source, "2048", " 8 ")
+    with pytest.raises(FitError) as info:
+        check_fits(good.replace(num_regions=36), toy.dataset, toy.vocab, source=source)
+    assert_one_line(info, source, "num_regions 36", f" {toy.dataset.num_regions} ")
 
 
 def test_benchmark_code_paths_on_a_tiny_split(shared_data_dir, tmp_path, monkeypatch):

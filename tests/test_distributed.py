@@ -18,10 +18,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from vsl import distributed as vdist
+from vsl.evaluation import image_shard, sharded_similarity
 from vsl.config import Config
 from vsl.errors import ConfigError
 from vsl.losses import VSLObjective
-from vsl.model import build_model
+from vsl.models import build_model
 
 WORLD = 2
 BATCH = 8            # global batch: 4 samples per rank
@@ -138,7 +139,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # Sharded evaluation: 11 images in blocks of 3 -> 4 blocks, uneven shards (6 + 5 rows).
         model = tiny_model("SAF").eval()
         img_emb, cap_emb, lengths = eval_inputs()
-        result["eval"] = vdist.sharded_similarity(model, img_emb, cap_emb, lengths, block_images=3,
+        result["eval"] = sharded_similarity(model, img_emb, cap_emb, lengths, block_images=3,
                                                   group=info.group)
         # Caption ids of the global batch (for the semantic matrices), uneven local sizes.
         ids = torch.arange(10 * rank, 10 * rank + 2 + rank)
@@ -176,7 +177,7 @@ def single_process():
         model = tiny_model("SAF")
         result["uneven"] = uneven_step(vdist.wrap_model(model, vdist.DistInfo()), model, slice(0, 7))
         model = tiny_model("SAF").eval()
-        result["eval"] = vdist.sharded_similarity(model, *eval_inputs(), block_images=3)
+        result["eval"] = sharded_similarity(model, *eval_inputs(), block_images=3)
         result["eval_plain"] = model.similarity(*eval_inputs())
         return result
     finally:
@@ -266,7 +267,7 @@ def test_all_gather_concat_uneven_sizes(two_ranks):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n,world,block", [(11, 2, 3), (1000, 3, 128), (5, 4, 2), (0, 2, 4), (7, 1, 128)])
 def test_image_shards_partition_the_images(n, world, block):
-    shards = [vdist.image_shard(n, r, world, block) for r in range(world)]
+    shards = [image_shard(n, r, world, block) for r in range(world)]
     covered = [i for start, stop in shards for i in range(start, stop)]
     assert covered == list(range(n))                     # contiguous, disjoint, in rank order
     for start, stop in shards:
@@ -289,7 +290,7 @@ def test_single_process_scorer_is_the_model():
 
 
 def test_setup_without_torchrun_is_single_process(monkeypatch):
-    for name in vdist.TORCHRUN_ENV:
+    for name in vdist.process.TORCHRUN_ENV:
         monkeypatch.delenv(name, raising=False)
     info = vdist.setup_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.is_distributed) == (0, 1, True, False)
@@ -310,7 +311,7 @@ def test_incomplete_torchrun_environment_is_a_one_line_error(monkeypatch):
 def test_sharded_similarity_refuses_training_mode():
     model = tiny_model("SAF")
     with pytest.raises(ValueError, match="eval"):
-        vdist.sharded_similarity(model, *eval_inputs())
+        sharded_similarity(model, *eval_inputs())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ TORCHRUN_STEPS = TORCHRUN_TRAIN_IMAGES * 5 // TORCHRUN_BATCH + 1  # 26 per epoch
 def torchrun(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 -m vsl ARGS`` on CPU; fails the test on error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in vdist.TORCHRUN_ENV:                 # a clean launch, whatever the test runner's env
+    for name in vdist.process.TORCHRUN_ENV:                 # a clean launch, whatever the test runner's env
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
            "-m", "vsl", *args]

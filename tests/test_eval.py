@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from test_train import single_thread, write_scan_dataset  # noqa: F401  (autouse: one intra-op thread)
-from vsl import evaluate as evaluate_mod
+from vsl.evaluation import run as evaluate_mod
 from vsl import metrics
 from vsl.checkpoint import load_checkpoint
 from vsl.cli import main
 from vsl.errors import ConfigError
-from vsl.evaluate import evaluate, fold_slices, mean_over_folds, pad_token_ids
-from vsl.vocab import Vocabulary, vocab_file
+from vsl.evaluation import evaluate, pad_token_ids
+from vsl.metrics import fold_slices, mean_over_folds
+from vsl.data.vocab import Vocabulary, vocab_file
 
 NUM_IMAGES = 12
 
@@ -87,7 +88,6 @@ def test_coco1k_scores_only_the_fold_blocks_and_matches_the_full_matrix_protocol
     # 5 folds of 2 images stand in for 5 folds of 1,000 (the folding logic does not depend on size).
     data = write_scan_dataset(tmp_path, "coco_precomp", {"testall": 10}, img_dim=64, num_regions=36,
                               extra_words=21, seed=5)
-    monkeypatch.setattr(evaluate_mod, "FOLD_IMAGES", 2)
     monkeypatch.setattr(metrics, "COCO1K_FOLD_IMAGES", 2)
     assert fold_slices("coco1k", 10, 5) == [(slice(2 * f, 2 * f + 2), slice(10 * f, 10 * f + 10))
                                              for f in range(5)]

@@ -5,7 +5,7 @@ import torch
 
 import vsl
 from vsl.config import Config
-from vsl.model import build_model
+from vsl.models import build_model
 
 MODULES = ["SGR", "SAF"]
 

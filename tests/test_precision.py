@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vsl.config import Config
 from vsl.errors import ConfigError
-from vsl.model import build_model
+from vsl.models import build_model
 from vsl.precision import autocast_dtype, check_precision, precision_context, scores_in_precision
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"

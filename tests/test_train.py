@@ -24,7 +24,7 @@ from vsl.cli import main
 from vsl.config import Config
 from vsl.logs import read_metrics
 from vsl.train import learning_rate, rng_state, set_rng_state
-from vsl.vocab import Vocabulary
+from vsl.data.vocab import Vocabulary
 
 COLORS = ("red", "blue", "green", "white")
 OBJECTS = ("dog", "cat", "car", "bus", "man", "tree", "boat", "bird")
@@ -225,12 +225,12 @@ def small_flags(data: dict, out: Path) -> list:
 
 
 def test_nan_loss_stops_cleanly_and_mid_epoch_resume_is_exact(tmp_path, monkeypatch, capsys):
-    import vsl.train
+    import vsl.train.trainer
 
     data = write_scan_dataset(tmp_path / "data", "tiny_precomp", {"train": 20, "dev": 10}, seed=3)
     assert main(["train", *small_flags(data, tmp_path / "full")]) == 0     # 13 batches per epoch
 
-    monkeypatch.setattr(vsl.train, "VSLObjective", PoisonAt(7))
+    monkeypatch.setattr(vsl.train.trainer, "VSLObjective", PoisonAt(7))
     broken = tmp_path / "broken"
     assert main(["train", *small_flags(data, broken)]) == 2
     err = capsys.readouterr().err.strip()

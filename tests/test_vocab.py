@@ -3,7 +3,7 @@ import json
 import pytest
 
 from vsl.errors import DataError, VSLError
-from vsl.vocab import SPECIAL_TOKENS, Vocabulary, tokenize, vocab_file
+from vsl.data.vocab import SPECIAL_TOKENS, Vocabulary, tokenize, vocab_file
 
 
 # -- tokenization ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .config import PRESETS, Config, preset
 from .errors import CheckpointError, ConfigError, DataError, VSLError
-from .model import VSLModel, build_model
+from .models import VSLModel, build_model
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ import torch
 from .config import Config
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write
-from .model import VSLModel, build_model
+from .models import VSLModel, build_model
 
 FORMAT = "vsl-1"
 PathLike = Union[str, os.PathLike]

@@ -216,7 +216,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from . import metrics
     from .distributed import cleanup, setup_distributed
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     info = setup_distributed(args.device)           # torchrun: split the scoring over the processes
     try:
@@ -242,7 +242,7 @@ def run_eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     try:
-        from .demo import add_arguments
+        from .demo.run import add_arguments
     except ModuleNotFoundError as exc:
         if exc.name != f"{__package__}.demo":
             raise
@@ -253,13 +253,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo as run
+    from .demo.run import run_demo as run
 
     return int(run(args) or 0)
 
 
 def run_make_demo_data(args: argparse.Namespace) -> int:
-    from .demo_data import run
+    from .demo.data import run
 
     return int(run(args) or 0)
 
@@ -267,7 +267,7 @@ def run_make_demo_data(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .demo_data import add_arguments as add_demo_data_arguments
+    from .demo.data import add_arguments as add_demo_data_arguments
 
     parser = argparse.ArgumentParser(prog="vsl", description="Image-text retrieval with the Visual Semantic Loss "
                                      "(ICME 2023) on SGR, SAF and SGRAF.", formatter_class=_Formatter)

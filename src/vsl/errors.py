@@ -25,8 +25,12 @@ class DataError(VSLError):
 
 
 class CheckpointError(VSLError):
-    """A checkpoint file is missing, truncated, not a checkpoint, or does not fit the model/data."""
+    """A checkpoint file is missing, truncated or not a checkpoint, or its weights do not fit the model."""
 
 
 class ConfigError(VSLError):
     """An option or a combination of options is invalid."""
+
+
+class FitError(ConfigError):
+    """A model's options do not fit the data (vocabulary size, feature dimension, regions per image)."""

@@ -1,4 +1,5 @@
-"""Retrieval metrics of the SCAN/SGRAF evaluation: R@K, median and mean rank, rsum.
+"""Retrieval metrics and evaluation protocols of the SCAN/SGRAF evaluation: R@K, median and mean
+rank, rsum; ``coco1k`` (mean over 5 folds), ``coco5k`` and ``full`` (the whole matrix).
 
 ``sims`` is an (N, cpi * N) image x caption similarity matrix in which captions
 ``cpi * i .. cpi * i + cpi - 1`` belong to image i (cpi = captions per image, 5 for COCO/Flickr30K).
@@ -129,36 +130,65 @@ def retrieval_metrics(sims, captions_per_image: int = 5, *, progress: bool = Fal
     return {"i2t": _as_dict(i2t_summary), "t2i": _as_dict(t2i_summary), "rsum": float(rsum)}
 
 
-def evaluate_protocol(sims, protocol: str, captions_per_image: int = 5, *, progress: bool = False) -> dict:
-    """Metrics under a named evaluation protocol.
+def fold_slices(protocol: str, num_images: int, captions_per_image: int,
+                full_matrix: bool = False) -> List[Tuple[slice, slice]]:
+    """The (image, caption) blocks a protocol scores: the 5 diagonal folds for ``coco1k``, else one.
 
-    ``"coco1k"``: the 5,000 COCO test images in 5 folds of 1,000 (fold f: images
-    [1000f, 1000f + 1000), captions [1000 cpi f, 1000 cpi (f + 1))); every metric (medr included)
-    and rsum are averaged over folds as published; ``"folds"`` lists the per-fold results.
-    ``"coco5k"`` / ``"full"``: :func:`retrieval_metrics` on the whole matrix.
+    ``coco1k``: the 5,000 COCO test images in 5 folds of 1,000 (fold f: images
+    [1000f, 1000f + 1000), captions [1000 cpi f, 1000 cpi (f + 1))). With ``full_matrix`` the whole
+    matrix is one block (the folds are then cut from it by :func:`evaluate_protocol`).
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown evaluation protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    sims = _as_numpy(sims)
-    _check_shape(sims, captions_per_image)
-    if protocol != "coco1k":
-        return retrieval_metrics(sims, captions_per_image, progress=progress)
-    expected = COCO1K_FOLDS * COCO1K_FOLD_IMAGES
-    if sims.shape[0] != expected:
-        raise ConfigError(f"protocol coco1k needs the {expected:,} COCO test images, got {sims.shape[0]:,}; "
-                          f"use coco5k/full for other splits")
-    folds: List[dict] = []
-    for fold in tqdm(range(COCO1K_FOLDS), desc="coco1k folds", disable=not progress, leave=False):
-        images = slice(fold * COCO1K_FOLD_IMAGES, (fold + 1) * COCO1K_FOLD_IMAGES)
-        captions = slice(images.start * captions_per_image, images.stop * captions_per_image)
-        folds.append(retrieval_metrics(sims[images, captions], captions_per_image))
-    # Mean over folds of the row (i2t..., t2i..., rsum), as the published evaluation averages.
+    if captions_per_image < 1:
+        raise ConfigError(f"captions_per_image must be positive, got {captions_per_image}")
+    if protocol == "coco1k":
+        expected = COCO1K_FOLDS * COCO1K_FOLD_IMAGES
+        if num_images != expected:
+            raise ConfigError(f"protocol coco1k needs the {expected} images of COCO testall, "
+                              f"this split has {num_images}; use --protocol coco5k/full for other splits")
+        if not full_matrix:
+            k = captions_per_image
+            return [(slice(f * COCO1K_FOLD_IMAGES, (f + 1) * COCO1K_FOLD_IMAGES),
+                     slice(f * COCO1K_FOLD_IMAGES * k, (f + 1) * COCO1K_FOLD_IMAGES * k))
+                    for f in range(COCO1K_FOLDS)]
+    return [(slice(0, num_images), slice(0, num_images * captions_per_image))]
+
+
+def mean_over_folds(folds: List[dict]) -> dict:
+    """The published 1K summary: every metric (R@K, medr, meanr) and rsum averaged over the folds."""
     table = np.array([[f["i2t"][m] for m in METRIC_NAMES] + [f["t2i"][m] for m in METRIC_NAMES] + [f["rsum"]]
                       for f in folds]).mean(axis=0)
     n = len(METRIC_NAMES)
     return {"i2t": _as_dict(tuple(float(v) for v in table[:n])),
             "t2i": _as_dict(tuple(float(v) for v in table[n:2 * n])),
             "rsum": float(table[-1]), "folds": folds}
+
+
+def protocol_result(blocks: List, protocol: str, captions_per_image: int = 5, *, progress: bool = False) -> dict:
+    """Protocol metrics from the blocks of :func:`fold_slices`, scored (one matrix or the 5 folds)."""
+    if len(blocks) == 1:
+        return evaluate_protocol(blocks[0], protocol, captions_per_image, progress=progress)
+    folds = [retrieval_metrics(b, captions_per_image) for b in
+             tqdm(blocks, desc=f"{protocol} folds", disable=not progress, leave=False)]
+    return mean_over_folds(folds)
+
+
+def evaluate_protocol(sims, protocol: str, captions_per_image: int = 5, *, progress: bool = False) -> dict:
+    """Metrics under a named evaluation protocol, from the full ``(N, cpi N)`` score matrix.
+
+    ``"coco1k"``: the folds of :func:`fold_slices`; every metric (medr included) and rsum are
+    averaged over folds as published; ``"folds"`` lists the per-fold results.
+    ``"coco5k"`` / ``"full"``: :func:`retrieval_metrics` on the whole matrix.
+    """
+    sims = _as_numpy(sims)
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown evaluation protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    _check_shape(sims, captions_per_image)
+    if protocol != "coco1k":
+        return retrieval_metrics(sims, captions_per_image, progress=progress)
+    blocks = fold_slices(protocol, sims.shape[0], captions_per_image)
+    return protocol_result([sims[i, c] for i, c in blocks], protocol, captions_per_image, progress=progress)
 
 
 _HEADER_NAMES = ("R@1", "R@5", "R@10", "medr", "meanr")

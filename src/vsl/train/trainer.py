@@ -30,17 +30,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
-from . import distributed as vdist
-from .checkpoint import load_state, read_checkpoint, save_checkpoint
-from .config import Config
-from .errors import CheckpointError, ConfigError, VSLError
-from .evaluate import encode_split, resolve_device, score
-from .fileio import check_writable
-from .logs import RunLogger, progress_bar
-from .losses import VSLObjective
-from .model import VSLModel, build_model
-from .precision import precision_context
+from .. import metrics
+from .. import distributed as vdist
+from ..checkpoint import load_state, read_checkpoint, save_checkpoint
+from ..config import Config
+from ..errors import CheckpointError, ConfigError, VSLError
+from ..data import PrecompDataset, Vocabulary, build_semantics, check_fits, default_max_captions, make_loader, vocab_file
+from ..device import resolve_device
+from ..evaluation import encode_split, image_shard, score
+from ..fileio import check_writable
+from ..logs import RunLogger, progress_bar
+from ..losses import VSLObjective
+from ..models import VSLModel, build_model
+from ..precision import precision_context
 
 LAST = "checkpoint_last.pth.tar"
 BEST = "model_best.pth.tar"
@@ -132,10 +134,6 @@ class Trainer:
                  world_size: int = 1, is_main: bool = True, device: Optional[torch.device] = None,
                  wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None, progress: bool = True,
                  distributed: Optional[vdist.DistInfo] = None):
-        from .data import PrecompDataset, default_max_captions
-        from .semantics import build_semantics
-        from .vocab import Vocabulary, vocab_file
-
         if distributed is not None:
             rank, world_size, is_main, device = (distributed.rank, distributed.world_size, distributed.is_main,
                                                  distributed.device)
@@ -155,10 +153,7 @@ class Trainer:
         self.train_set = PrecompDataset(config.data_path, config.data_name, "train", vocab)
         self.dev_set = PrecompDataset(config.data_path, config.data_name, "dev", vocab,
                                       max_captions=default_max_captions("dev", config.val_all))
-        for name, have in (("img_dim", self.train_set.img_dim), ("num_regions", self.train_set.num_regions)):
-            if getattr(config, name) != have:
-                raise ConfigError(f"{self.train_set.images_path}: features have {name} {have}, "
-                                  f"but --{name} is {getattr(config, name)}")
+        check_fits(config, self.train_set, source="--img_dim/--num_regions")
         self.config = config
         self.vocab = vocab
         self.dev_tokens = [vocab.encode(c) for c in self.dev_set.captions]
@@ -271,7 +266,7 @@ class Trainer:
         n = self.dev_set.num_images
         emb = encode_split(self.model, self.dev_set.images[:n], self.dev_tokens, source=str(self.dev_set.images_path),
                            batch_size=self.config.batch_size, progress=False, precision=self.config.precision)
-        start, stop = vdist.image_shard(n, self.rank, self.world_size)     # this rank's share of the rows
+        start, stop = image_shard(n, self.rank, self.world_size)     # this rank's share of the rows
         bar = progress_bar((stop - start) * len(self.dev_tokens), "validate", enabled=self.progress, unit="pair",
                            unit_scale=True, leave=False)
         sims = score(self.model, emb, bar=bar, precision=self.config.precision, group=self.dist.group)
@@ -294,7 +289,6 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> None:
-        from .data import make_loader
 
         cfg = self.config
         # VSL off during its warm-up epochs (demo recipe; the paper uses VSL from the start).

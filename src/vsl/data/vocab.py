@@ -16,8 +16,9 @@ from typing import Dict, Iterable, List, Sequence, Union
 
 from nltk.tokenize import NLTKWordTokenizer
 
-from .errors import DataError
-from .fileio import atomic_write_text
+from ..errors import DataError
+from .captions import read_captions
+from ..fileio import atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 
@@ -160,8 +161,6 @@ class Vocabulary:
     @classmethod
     def from_caption_files(cls, paths: Iterable[PathLike], threshold: int = 4) -> "Vocabulary":
         """Build from caption files (the published recipe uses ``train_caps.txt`` and ``dev_caps.txt``)."""
-        from .data import read_captions  # data.py imports this module
-
         def captions():
             for path in paths:
                 yield from read_captions(path)

@@ -22,7 +22,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError, FitError
+from .captions import read_captions
 from .vocab import Vocabulary
 
 PathLike = Union[str, os.PathLike]
@@ -44,33 +45,6 @@ def split_files(data_path: PathLike, data_name: str, split: str) -> Tuple[Path, 
 def default_max_captions(split: str, val_all: bool = False) -> Optional[int]:
     """Captions to use from ``split``: the first 5,000 of ``dev`` (as published) unless ``val_all``."""
     return VALIDATION_CAPTIONS if split == "dev" and not val_all else None
-
-
-def read_captions(path: PathLike) -> List[str]:
-    """One caption per line, strict UTF-8; an empty or undecodable line is an error naming its number."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: caption file not found (expected one caption per line)") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read caption file ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}: line {line} is not valid UTF-8 (expected UTF-8 text, one caption per line)") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    captions = [line.strip() for line in text.split("\n")]
-    while captions and not captions[-1]:     # the newline that ends the last caption, and blank lines after it
-        captions.pop()
-    if not captions:
-        raise DataError(f"{path}: no captions (expected one caption per line)")
-    if not all(captions):
-        line = captions.index("") + 1
-        raise DataError(f"{path}: line {line} is an empty caption (expected one caption per line)")
-    return captions
 
 
 def _read_npy_header(path: Path) -> Tuple[tuple, np.dtype, bool, int]:
@@ -228,15 +202,22 @@ class PrecompDataset(Dataset):
                 f"{self.captions_per_image} per image, {self.num_regions}x{self.img_dim})")
 
 
-def check_compatible(config, dataset: PrecompDataset, vocab: Vocabulary, source: PathLike) -> None:
-    """Raise :class:`CheckpointError` if a model configured by ``config`` (loaded from ``source``)
-    cannot read this vocabulary or these features."""
-    if config.vocab_size != len(vocab):
-        raise CheckpointError(f"{source}: checkpoint vocabulary size {config.vocab_size} does not match the "
-                              f"vocabulary's {len(vocab)} words")
-    if config.img_dim != dataset.img_dim:
-        raise CheckpointError(f"{source}: checkpoint img_dim {config.img_dim} does not match the feature "
-                              f"dimension {dataset.img_dim} of {dataset.images_path}")
+def check_fits(config, dataset: "PrecompDataset", vocab: Optional[Vocabulary] = None, *,
+               source: PathLike) -> None:
+    """The one check that a model configured by ``config`` can read this data.
+
+    Vocabulary size (when ``vocab`` is given), feature dimension and regions per image must match;
+    otherwise :class:`FitError` names ``source`` (where the options came from: a checkpoint path,
+    or the command line's flags), the data file and both values.
+    """
+    if vocab is not None and config.vocab_size != len(vocab):
+        raise FitError(f"{source}: vocabulary size {config.vocab_size} does not match the "
+                       f"vocabulary's {len(vocab)} words")
+    for name, have in (("img_dim", dataset.img_dim), ("num_regions", dataset.num_regions)):
+        want = getattr(config, name)
+        if want != have:
+            raise FitError(f"{source}: {name} {want} does not match the {have} of the features "
+                           f"in {dataset.images_path}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,9 +39,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, DataError
-from .fileio import atomic_write_text, temporary_sibling
-from .vocab import SPECIAL_TOKENS, Vocabulary
+from ..errors import ConfigError, DataError
+from ..fileio import atomic_write_text, temporary_sibling
+from ..data.vocab import SPECIAL_TOKENS, Vocabulary
 
 DATA_NAME = "demo_precomp"
 SPLITS = ("train", "dev", "test")

@@ -6,9 +6,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .config import Config
+from ..config import Config
 from .encoders import ImageEncoder, TextEncoder
-from .similarity import SimilarityEncoder
+from .similarity import SimilarityEncoder, default_chunk_elements
 
 
 class VSLModel(nn.Module):
@@ -45,6 +45,18 @@ class VSLModel(nn.Module):
         """All-pairs scores ``(n, m)`` of image embeddings ``(n, R, d)`` and caption embeddings ``(m, L, d)``."""
         chunk = chunk_elements if chunk_elements is not None else self.config.score_chunk
         return self.sim_enc(img_emb, cap_emb, lengths, chunk_elements=chunk, progress=progress)
+
+    def chunk_budget(self) -> int:
+        """Elements per scoring chunk: ``config.score_chunk``, else the automatic budget of this device."""
+        return self.config.score_chunk or default_chunk_elements(self.device, self.config.embed_size)
+
+    def set_statistics_gather(self, gather: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """Distributed training: let SAF's running BatchNorm statistics see the captions of all ranks.
+
+        ``gather``: ``(3, b)`` per-caption (mean, var, count) of this rank -> ``(3, B)`` of all
+        ranks in global order; ``None`` = this process alone.
+        """
+        self.sim_enc.stats_gather = gather
 
     def forward(self, images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Scores ``(n, m)`` of raw region features ``(n, R, img_dim)`` against captions ``(m, L)``."""

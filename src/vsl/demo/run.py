@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .config import Config
-from .fileio import atomic_write, atomic_write_text
+from ..config import Config
+from ..fileio import atomic_write, atomic_write_text
 
 #: Settings of both demo runs; everything else is the paper's default.
 DEMO_RECIPE: Dict[str, Any] = dict(
@@ -79,9 +79,9 @@ def demo_config(data: Dict[str, Any], out: Path, name: str, vsl_weight: float, s
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run ``vsl demo`` from parsed :func:`add_arguments` options; returns the exit status."""
-    from .demo_data import DemoSpec, make_demo_data
-    from .evaluate import resolve_device
-    from .metrics import format_table
+    from .data import DemoSpec, make_demo_data
+    from ..device import resolve_device
+    from ..metrics import format_table
 
     out = Path(args.out)
     start = time.time()
@@ -125,8 +125,8 @@ def train_and_test(config_values: Dict[str, Any], data: Dict[str, Any], threads:
     """Train one demo run and evaluate its best checkpoint on the test split (also in a worker)."""
     import torch
 
-    from .evaluate import evaluate
-    from .train import Trainer
+    from ..evaluation import evaluate
+    from ..train import Trainer
 
     if threads:
         torch.set_num_threads(threads)

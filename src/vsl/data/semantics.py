@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .vocab import tokenize
 
 SEMANTIC_KINDS = ("tfidf", "cider")

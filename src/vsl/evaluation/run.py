@@ -1,0 +1,154 @@
+"""``vsl eval``: checkpoints -> models, a split, a protocol, the results table and files.
+
+:func:`evaluate` evaluates one checkpoint, or two for the SGRAF ensemble (the mean of the two
+models' score matrices, each model with its own embeddings and vocabulary). Protocols
+(:mod:`vsl.metrics`): ``coco1k`` = the mean over 5 folds of 1,000 images / 5,000 captions (only the
+5 diagonal blocks are scored unless the full matrix is asked for); ``coco5k`` / ``full`` = all images.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..checkpoint import load_state, read_checkpoint
+from ..config import Config
+from ..data import SPLITS, PrecompDataset, Vocabulary, check_fits, vocab_file
+from ..device import resolve_device
+from ..distributed.process import DistInfo
+from ..errors import ConfigError
+from ..fileio import atomic_write, check_writable
+from ..logs import progress_bar
+from ..models import VSLModel, build_model
+from .encode import encode_split, score
+from .sharding import image_shard
+
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints -> models
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    path: Path
+    model: VSLModel
+    config: Config
+    vocab: object
+
+
+def load_for_eval(path: PathLike, device: torch.device, vocab_path: Optional[PathLike] = None,
+                  data_name: Optional[str] = None, **overrides) -> LoadedModel:
+    """A checkpoint (published or vsl format) as an eval-mode model plus its vocabulary.
+
+    The vocabulary is ``{vocab_path}/{data_name}_vocab.json``, both taken from the checkpoint's
+    options unless given (published checkpoints hold no vocabulary). ``overrides`` replace options
+    that do not change the weights (``precision``, ``score_chunk``); None values are ignored.
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if data_name is not None:
+        overrides["data_name"] = data_name
+    if vocab_path is not None:
+        overrides["vocab_path"] = str(vocab_path)
+    config = ckpt["config"].replace(**overrides)
+    vocab = Vocabulary.from_json(vocab_file(config.vocab_path, config.data_name))
+    model = build_model(config)
+    load_state(model, ckpt["model"], path)
+    return LoadedModel(path, model.to(device).eval(), config, vocab)
+
+
+# --------------------------------------------------------------------------------------------
+# vsl eval
+# --------------------------------------------------------------------------------------------
+def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = None, split: str = "test",
+             protocol: str = "full", *, vocab_path: Optional[PathLike] = None, data_name: Optional[str] = None,
+             device: str = "auto", batch_size: int = 128, output: Optional[PathLike] = None,
+             save_sims: Optional[PathLike] = None, progress: bool = True,
+             distributed: Optional[DistInfo] = None, precision: Optional[str] = None,
+             score_chunk: Optional[int] = None) -> Dict:
+    """Evaluate one checkpoint, or the ensemble of two (mean of their score matrices).
+
+    ``data_path``, ``vocab_path`` and ``data_name`` default to the (first) checkpoint's options.
+    ``distributed`` (a torchrun process): the images are split over the processes for scoring,
+    every process returns the result, only the main one shows progress and writes files.
+    ``precision`` (fp32/tf32/bf16) and ``score_chunk`` override the checkpoints' options.
+
+    Returns ``{"i2t": {r1, r5, r10, medr, meanr}, "t2i": {...}, "rsum", ["folds": [...]],
+    "protocol", "split", "checkpoints", "images", "captions"}`` and optionally writes it as JSON
+    (``output``) and the ``(images, captions)`` float32 score matrix as ``.npy`` (``save_sims``).
+    """
+    if not 1 <= len(checkpoints) <= 2:
+        raise ConfigError(f"give one checkpoint, or two for the ensemble; got {len(checkpoints)}")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    dist_info = distributed or DistInfo()
+    for target in (output, save_sims):   # fail before the scoring, not after it
+        if target is not None and dist_info.is_main:
+            check_writable(target, "file")
+    dev = dist_info.device if distributed is not None else resolve_device(device)
+    progress = progress and dist_info.is_main
+    loaded = [load_for_eval(p, dev, vocab_path, data_name, precision=precision, score_chunk=score_chunk)
+              for p in checkpoints]
+    names = {m.config.data_name for m in loaded}
+    if len(names) > 1:
+        raise ConfigError(f"the checkpoints were trained on different datasets ({', '.join(sorted(names))}); "
+                          "pass --data_name")
+    data_path = data_path if data_path is not None else loaded[0].config.data_path
+    dataset = PrecompDataset(data_path, loaded[0].config.data_name, split, loaded[0].vocab)
+    for m in loaded:
+        check_fits(m.config, dataset, m.vocab, source=m.path)
+    cpi = dataset.captions_per_image
+    num_images = dataset.num_images
+    blocks = metrics.fold_slices(protocol, num_images, cpi, full_matrix=save_sims is not None)
+
+    # This process's share of the pairs (all of them in a single process).
+    pairs_per_model = sum(_shard_size(s.stop - s.start, dist_info) * (c.stop - c.start) for s, c in blocks)
+    sums: List[Optional[torch.Tensor]] = [None] * len(blocks)
+    for m in loaded:
+        tokens = [m.vocab.encode(c) for c in dataset.captions]
+        emb = encode_split(m.model, dataset.images[:num_images], tokens, batch_size=batch_size,
+                           source=str(dataset.images_path),
+                           progress=progress, precision=m.config.precision, desc=f"encode {m.path.name}")
+        bar = progress_bar(pairs_per_model, f"score {m.path.name}", enabled=progress, unit="pair", unit_scale=True)
+        for b, (img_s, cap_s) in enumerate(blocks):
+            sims = score(m.model, emb.subset(img_s, cap_s), bar=bar, precision=m.config.precision,
+                         group=dist_info.group)
+            sums[b] = sims if sums[b] is None else sums[b] + sims
+        bar.close()
+        del emb
+    # Ensemble = mean of the models' scores (for one model, the scores themselves).
+    scores = [(s / len(loaded)).numpy() for s in sums]
+    result = metrics.protocol_result(scores, protocol, cpi)
+    result.update(protocol=protocol, split=split, checkpoints=[str(m.path) for m in loaded],
+                  images=num_images, captions=num_images * cpi)
+    if save_sims is not None and dist_info.is_main:
+        write_npy(save_sims, scores[0].astype(np.float32))
+    if output is not None and dist_info.is_main:
+        write_json(output, result)
+    return result
+
+
+def _shard_size(num_images: int, dist_info: DistInfo) -> int:
+    start, stop = image_shard(num_images, dist_info.rank, dist_info.world_size)
+    return stop - start
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writers
+# --------------------------------------------------------------------------------------------
+def write_json(path: PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def write_npy(path: PathLike, array: np.ndarray) -> Path:
+    """Write ``array`` as ``.npy`` at exactly ``path``, atomically."""
+    return atomic_write(path, lambda fh: np.save(fh, array))
