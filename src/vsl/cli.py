@@ -204,6 +204,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="PATH", default=None, help="write the results as JSON (default: none)")
     parser.add_argument("--save_sims", metavar="PATH", default=None,
                         help="save the images x captions score matrix as float32 .npy (default: none)")
+    parser.add_argument("--save_ranks", metavar="PATH", default=None,
+                        help="save every query's 0-based rank under the protocol as .npz (arrays i2t: one per "
+                             "image, t2i: one per caption) (default: none)")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     parser.add_argument("--batch_size", type=int, default=128, help="images/captions per encoding batch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -223,7 +226,8 @@ def run_eval(args: argparse.Namespace) -> int:
         result = evaluate(args.checkpoint, args.data_path, args.split, args.protocol, vocab_path=args.vocab_path,
                           data_name=args.data_name, device=args.device, batch_size=args.batch_size,
                           output=args.output, save_sims=args.save_sims, progress=not args.quiet,
-                          distributed=info, precision=args.precision, score_chunk=args.score_chunk)
+                          distributed=info, precision=args.precision, score_chunk=args.score_chunk,
+                          save_ranks=args.save_ranks)
     finally:
         cleanup()
     if not info.is_main:
@@ -264,6 +268,12 @@ def run_make_demo_data(args: argparse.Namespace) -> int:
     return int(run(args) or 0)
 
 
+def run_ablate(args: argparse.Namespace) -> int:
+    from .ablate.run import run
+
+    return run(args, given={k: v for k, v in vars(args).items() if k in _DEFAULTS})
+
+
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -295,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compare them.", formatter_class=_Formatter)
     add_demo_arguments(p)
     p.set_defaults(handler=run_demo, command_parser=p)
+
+    from .ablate.run import ABLATE_DESCRIPTION, add_arguments as add_ablate_arguments
+    p = sub.add_parser("ablate", help="an ablation study: arms x seeds, means with 95%% intervals, paired tests",
+                       description=ABLATE_DESCRIPTION, formatter_class=_Formatter)
+    add_ablate_arguments(p)
+    add_train_arguments(p)
+    p.set_defaults(handler=run_ablate, command_parser=p)
     return parser
 
 

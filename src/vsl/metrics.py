@@ -174,6 +174,21 @@ def protocol_result(blocks: List, protocol: str, captions_per_image: int = 5, *,
     return mean_over_folds(folds)
 
 
+def protocol_ranks(blocks: List, protocol: str, captions_per_image: int = 5) -> Tuple[np.ndarray, np.ndarray]:
+    """Every query's 0-based rank under a protocol, from the blocks of :func:`fold_slices`.
+
+    Returns ``(i2t, t2i)`` in split order: (N,) int64, the rank of each image's best own caption,
+    and (cpi * N,) int64, the rank of each caption's image; under ``coco1k`` ranks are within each
+    fold of 1,000 images (whether the 5 folds or the full matrix were scored).
+    """
+    if protocol == "coco1k" and len(blocks) == 1:       # the full matrix: cut it into the folds
+        sims = _as_numpy(blocks[0])
+        blocks = [sims[i, c] for i, c in fold_slices(protocol, sims.shape[0], captions_per_image)]
+    i2t_ranks = [i2t(b, captions_per_image)[1][0] for b in blocks]
+    t2i_ranks = [t2i(b, captions_per_image)[1][0] for b in blocks]
+    return np.concatenate(i2t_ranks), np.concatenate(t2i_ranks)
+
+
 def evaluate_protocol(sims, protocol: str, captions_per_image: int = 5, *, progress: bool = False) -> dict:
     """Metrics under a named evaluation protocol, from the full ``(N, cpi N)`` score matrix.
 

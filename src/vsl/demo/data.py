@@ -97,6 +97,50 @@ COLOR_SCALE = 0.6
 SUBJECT, PARTNER, RELATION, SECONDARY0, BACKGROUND = 0, 1, 2, 3, 3 + MAX_SECONDARY
 NUM_ENTITIES = BACKGROUND + 1
 
+# Families of look-alike classes and colours (indices into CLASSES / COLORS): at difficulty
+# "hard" the prototypes of a family share a common component, so a noisy region of a dog looks
+# more like a cat than like a bus, and red more like orange than like blue.
+CLASS_FAMILIES: Tuple[Tuple[int, ...], ...] = (
+    (0, 1, 2, 3, 4, 5, 6),          # animals
+    (7, 8, 9),                      # people
+    (10, 11, 12, 13, 14, 15),       # vehicles
+    (16, 17, 18, 19),               # furniture
+    (20, 21, 22, 23),               # carried things
+)
+COLOR_FAMILIES: Tuple[Tuple[int, ...], ...] = (
+    (0, 3, 7, 8),                   # red, yellow, orange, pink
+    (1, 2, 10),                     # blue, green, purple
+    (4, 5, 6, 9),                   # white, black, brown, gray
+)
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """The knobs of a difficulty level (``default`` = the constants above, unchanged).
+
+    class_similarity / color_similarity: share of a prototype's variance common to its family
+    (0 = independent prototypes); color_scale: visual strength of colour relative to class;
+    p_secondary: per-caption probability of naming each secondary object; feature_noise and
+    train_images: the :class:`DemoSpec` defaults of the level.
+    """
+
+    class_similarity: float = 0.0
+    color_similarity: float = 0.0
+    color_scale: float = COLOR_SCALE
+    p_secondary: float = P_SECONDARY
+    feature_noise: float = 2.0
+    train_images: int = 3000
+
+
+#: Named levels. "hard" is not tuned towards either arm of an ablation: every knob makes the
+#: task harder for any retrieval model (confusable prototypes, more noise, less data, captions
+#: that name more of the secondary content).
+DIFFICULTIES: Dict[str, Difficulty] = {
+    "default": Difficulty(),
+    "hard": Difficulty(class_similarity=0.4, color_similarity=0.4, color_scale=0.45, p_secondary=0.45,
+                       feature_noise=2.5, train_images=1500),
+}
+
 
 def vocabulary_words() -> List[str]:
     """Every word the grammar can emit (sorted), without the special tokens."""
@@ -121,8 +165,12 @@ class DemoSpec:
     img_dim: int = 128
     num_regions: int = 36
     feature_noise: float = 2.0      # std of per-region noise (class prototypes have unit std)
+    difficulty: str = "default"     # a key of DIFFICULTIES: prototype similarity, caption mentions
 
     def __post_init__(self) -> None:
+        if self.difficulty not in DIFFICULTIES:
+            raise ConfigError(f"demo data: difficulty must be one of {', '.join(DIFFICULTIES)}, "
+                              f"got {self.difficulty!r}")
         for name in ("train_images", "dev_images", "test_images"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"demo data: {name} must be positive, got {getattr(self, name)}")
@@ -134,6 +182,21 @@ class DemoSpec:
             raise ConfigError(f"demo data: feature_noise must be >= 0, got {self.feature_noise}")
         if not 0 <= self.seed < 2 ** 63:
             raise ConfigError(f"demo data: seed must be a non-negative integer, got {self.seed}")
+
+    @classmethod
+    def at(cls, difficulty: str = "default", **values) -> "DemoSpec":
+        """The spec of a difficulty level, with that level's noise and training images unless given."""
+        if difficulty not in DIFFICULTIES:
+            raise ConfigError(f"demo data: difficulty must be one of {', '.join(DIFFICULTIES)}, "
+                              f"got {difficulty!r}")
+        level = DIFFICULTIES[difficulty]
+        defaults = dict(feature_noise=level.feature_noise, train_images=level.train_images)
+        given = {k: v for k, v in values.items() if v is not None}
+        return cls(difficulty=difficulty, **{**defaults, **given})
+
+    @property
+    def level(self) -> Difficulty:
+        return DIFFICULTIES[self.difficulty]
 
     def images(self, split: str) -> int:
         return int(getattr(self, f"{split}_images"))
@@ -219,11 +282,29 @@ class Prototypes:
 
 def sample_prototypes(spec: DemoSpec) -> Prototypes:
     rng = _rng(spec, 1)
-    d = spec.img_dim
-    return Prototypes(classes=rng.standard_normal((len(CLASSES), d)),
-                      colors=COLOR_SCALE * rng.standard_normal((len(COLORS), d)),
-                      relations=0.8 * rng.standard_normal((len(RELATIONS), d)),
-                      scenes=rng.standard_normal((len(SCENES), d)))
+    d, level = spec.img_dim, spec.level
+    protos = Prototypes(classes=rng.standard_normal((len(CLASSES), d)),
+                        colors=level.color_scale * rng.standard_normal((len(COLORS), d)),
+                        relations=0.8 * rng.standard_normal((len(RELATIONS), d)),
+                        scenes=rng.standard_normal((len(SCENES), d)))
+    # Family components come from their own stream, so the default level's draws are unchanged.
+    family_rng = _rng(spec, 4)
+    protos.classes = _share_family(protos.classes, CLASS_FAMILIES, level.class_similarity, family_rng)
+    protos.colors = _share_family(protos.colors, COLOR_FAMILIES, level.color_similarity, family_rng)
+    return protos
+
+
+def _share_family(own: np.ndarray, families: Sequence[Sequence[int]], similarity: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """``sqrt(1 - s) * own + sqrt(s) * family`` for each row (same variance): (items, d)."""
+    if similarity == 0:
+        return own
+    scale = own.std()
+    member = np.empty(len(own), np.int64)
+    for f, items in enumerate(families):
+        member[list(items)] = f
+    family = scale * rng.standard_normal((len(families), own.shape[1]))
+    return np.sqrt(1 - similarity) * own + np.sqrt(similarity) * family[member]
 
 
 def render_regions(spec: DemoSpec, split: str, scenes: Scenes, protos: Prototypes,
@@ -314,7 +395,7 @@ def write_captions(spec: DemoSpec, split: str, scenes: Scenes) -> Captions:
     mentions[:, SUBJECT] = True
     mentions[:, PARTNER] = rng.random(m) < P_PARTNER
     mentions[:, RELATION] = mentions[:, PARTNER]
-    mentions[:, SECONDARY0:BACKGROUND] = (rng.random((m, MAX_SECONDARY)) < P_SECONDARY) & (classes[:, 2:] >= 0)
+    mentions[:, SECONDARY0:BACKGROUND] = (rng.random((m, MAX_SECONDARY)) < spec.level.p_secondary) & (classes[:, 2:] >= 0)
     mentions[:, BACKGROUND] = rng.random(m) < P_SCENE
 
     opener = rng.choice(len(OPENERS), size=m, p=OPENER_P)
@@ -454,22 +535,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``vsl make-demo-data OUT``."""
     d = DemoSpec()
     parser.add_argument("out", help="output folder (gets data/, vocab/ and a manifest)")
+    parser.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default=d.difficulty,
+                        help="hard: look-alike classes and colours, more noise, 1,500 training images, "
+                             "secondary objects named more often")
     parser.add_argument("--seed", type=int, default=d.seed, help="random seed of the generator")
-    parser.add_argument("--images", type=int, default=d.train_images, help="training images")
+    parser.add_argument("--images", type=int, default=None,
+                        help=f"training images (default: the difficulty's, {d.train_images:,} by default)")
     parser.add_argument("--dev-images", type=int, default=d.dev_images, help="validation images")
     parser.add_argument("--test-images", type=int, default=d.test_images, help="test images")
     parser.add_argument("--img-dim", type=int, default=d.img_dim, help="region feature size")
     parser.add_argument("--num-regions", type=int, default=d.num_regions, help="regions per image")
-    parser.add_argument("--feature-noise", type=float, default=d.feature_noise,
-                        help="std of the noise of each region feature")
+    parser.add_argument("--feature-noise", type=float, default=None,
+                        help=f"std of the noise of each region feature (default: the difficulty's, "
+                             f"{d.feature_noise} by default)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the folder is up to date")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``vsl make-demo-data`` from parsed :func:`add_arguments` options; returns exit status."""
-    spec = DemoSpec(seed=args.seed, train_images=args.images, dev_images=args.dev_images,
-                    test_images=args.test_images, img_dim=args.img_dim,
-                    num_regions=args.num_regions, feature_noise=args.feature_noise)
+    spec = DemoSpec.at(args.difficulty, seed=args.seed, train_images=args.images, dev_images=args.dev_images,
+                       test_images=args.test_images, img_dim=args.img_dim,
+                       num_regions=args.num_regions, feature_noise=args.feature_noise)
     cached = not args.force and demo_data_ready(args.out, spec)
     info = make_demo_data(args.out, spec, progress=True, force=args.force)
     print(("up to date: " if cached else "wrote: ")

@@ -73,7 +73,7 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
              device: str = "auto", batch_size: int = 128, output: Optional[PathLike] = None,
              save_sims: Optional[PathLike] = None, progress: bool = True,
              distributed: Optional[DistInfo] = None, precision: Optional[str] = None,
-             score_chunk: Optional[int] = None) -> Dict:
+             score_chunk: Optional[int] = None, save_ranks: Optional[PathLike] = None) -> Dict:
     """Evaluate one checkpoint, or the ensemble of two (mean of their score matrices).
 
     ``data_path``, ``vocab_path`` and ``data_name`` default to the (first) checkpoint's options.
@@ -84,13 +84,15 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
     Returns ``{"i2t": {r1, r5, r10, medr, meanr}, "t2i": {...}, "rsum", ["folds": [...]],
     "protocol", "split", "checkpoints", "images", "captions"}`` and optionally writes it as JSON
     (``output``) and the ``(images, captions)`` float32 score matrix as ``.npy`` (``save_sims``).
+    ``save_ranks``: every query's 0-based rank under the protocol as ``.npz`` with arrays ``i2t``
+    (N,) and ``t2i`` (cpi * N,) (:func:`vsl.metrics.protocol_ranks`; what ``vsl ablate`` resamples).
     """
     if not 1 <= len(checkpoints) <= 2:
         raise ConfigError(f"give one checkpoint, or two for the ensemble; got {len(checkpoints)}")
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     dist_info = distributed or DistInfo()
-    for target in (output, save_sims):   # fail before the scoring, not after it
+    for target in (output, save_sims, save_ranks):   # fail before the scoring, not after it
         if target is not None and dist_info.is_main:
             check_writable(target, "file")
     dev = dist_info.device if distributed is not None else resolve_device(device)
@@ -131,6 +133,9 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
                   images=num_images, captions=num_images * cpi)
     if save_sims is not None and dist_info.is_main:
         write_npy(save_sims, scores[0].astype(np.float32))
+    if save_ranks is not None and dist_info.is_main:
+        i2t_ranks, t2i_ranks = metrics.protocol_ranks(scores, protocol, cpi)
+        atomic_write(save_ranks, lambda fh: np.savez(fh, i2t=i2t_ranks, t2i=t2i_ranks))
     if output is not None and dist_info.is_main:
         write_json(output, result)
     return result
