@@ -221,6 +221,37 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, tiny_data, capsy
     assert not (tmp_path / "b").exists()
 
 
+def test_summary_only_while_running_and_one_study_process_per_folder(tmp_path, tiny_data, capsys):
+    import os
+    import subprocess
+
+    from vsl.ablate.runner import folder_lock
+
+    out = tmp_path / "s"
+    g = _given(tiny_data)
+    fake = _fake(prepare("vsl", 2, out=out, given=g))
+    Executor(fake.runs[:1], Slots(1, 1)).run()                  # one of four runs finished
+    argv = ["ablate", "--study", "vsl", "--seeds", "2", "--out", str(out), "--summary_only", "--no_plot",
+            *sum(([f"--{k}", str(v)] for k, v in g.items() if not isinstance(v, bool)), []), "--no_max_violation"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["triplet"]["runs"] == 1 and summary["missing_total"] == 3
+    assert "3 run(s) missing" in capsys.readouterr().out and not (out / ".lock").exists()
+    # A live process holds the folder: refused, naming it; a dead one's lock is taken over.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(f"{sleeper.pid}\n")
+        with pytest.raises(ConfigError, match=f"another vsl ablate \\(process {sleeper.pid}\\)"):
+            with folder_lock(out):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with folder_lock(out):
+        assert (out / ".lock").read_text().strip() == str(os.getpid())
+    assert not (out / ".lock").exists()
+
+
 # --- bad input --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
     (["--study", "nope"], "unknown study 'nope'"),

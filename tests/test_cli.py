@@ -72,7 +72,7 @@ def _option_helps(parser: argparse.ArgumentParser):
             yield action.option_strings[0], formatter._expand_help(action)
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "make-demo-data", "demo"])
+@pytest.mark.parametrize("command", ["train", "eval", "make-demo-data", "demo", "ablate"])
 def test_every_option_of_every_command_shows_its_default(command):
     sub = build_parser()._subparsers._group_actions[0].choices[command]
     helps = dict(_option_helps(sub))

@@ -221,3 +221,58 @@ def test_bag_of_words_baseline_learns_but_is_far_from_perfect(splits):
     t2i_r1 = (scores.argmax(0) == np.arange(5 * n) // 5).mean()
     # chance: 1/n = 0.5% for both directions
     assert 0.2 < t2i_r1 < 0.9 and 0.2 < i2t_r1 < 0.95, (i2t_r1, t2i_r1)
+
+
+# --- difficulty ---------------------------------------------------------------------------------
+def _digest(folder):
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != dd.MANIFEST:
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_difficulty_writes_the_files_of_the_generator_before_difficulty_levels(tmp_path):
+    # The digest of TINY's data files as written by the generator before `difficulty` existed.
+    make_demo_data(tmp_path, TINY)
+    assert _digest(tmp_path) == "9c8d539500cbc796537c4e75d2df1d4d61d86c6d476dfa8610e266f63f41549e"
+    assert DemoSpec.at("default", seed=5, train_images=30, dev_images=10, test_images=20, img_dim=16) == TINY
+
+
+def test_hard_difficulty_is_harder_in_every_knob():
+    hard = DemoSpec.at("hard", test_images=50)
+    assert (hard.train_images, hard.feature_noise, hard.difficulty) == (1500, 2.5, "hard")
+    assert DemoSpec.at("hard", train_images=99, feature_noise=1.0).train_images == 99    # given values win
+    easy, harder = dd.sample_prototypes(DemoSpec(img_dim=64)), dd.sample_prototypes(DemoSpec.at("hard", img_dim=64))
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    dog, cat, bus = 0, 1, 11                                   # same family (animals) and another
+    assert cos(harder.classes[dog], harder.classes[cat]) > cos(easy.classes[dog], easy.classes[cat]) + 0.2
+    assert cos(harder.classes[dog], harder.classes[cat]) > cos(harder.classes[dog], harder.classes[bus]) + 0.2
+    assert np.linalg.norm(harder.colors, axis=1).mean() < np.linalg.norm(easy.colors, axis=1).mean()
+    # Secondary objects are named more often (0.45 instead of 0.2 of the captions).
+    rates = []
+    for spec in (DemoSpec(dev_images=200), DemoSpec.at("hard", dev_images=200)):
+        split = sample_split(spec, "dev")
+        present = np.repeat(split.scenes.present[:, 2:], 5, axis=0)
+        rates.append(split.mentions[:, dd.SECONDARY0:dd.BACKGROUND][present].mean())
+    assert rates[0] == pytest.approx(0.2, abs=0.03) and rates[1] == pytest.approx(0.45, abs=0.03)
+    with pytest.raises(ConfigError, match="difficulty must be one of default, hard"):
+        DemoSpec(difficulty="extreme")
+    with pytest.raises(ConfigError, match="difficulty must be one of"):
+        DemoSpec.at("extreme")
+
+
+def test_cli_difficulty_hard(tmp_path, capsys):
+    from vsl.cli import main
+
+    rc = main(["make-demo-data", str(tmp_path / "h"), "--difficulty", "hard", "--images", "3", "--dev-images", "2",
+               "--test-images", "2", "--img-dim", "8"])
+    assert rc == 0
+    manifest = json.loads((tmp_path / "h" / dd.MANIFEST).read_text())
+    assert manifest["spec"]["difficulty"] == "hard" and manifest["spec"]["feature_noise"] == 2.5

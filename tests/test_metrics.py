@@ -142,3 +142,21 @@ def test_format_table_lists_every_metric(golden):
     assert last[0] == "all"
     assert [float(v) for v in last[1:]] == pytest.approx(
         list(golden["i2t"]) + list(golden["t2i"]) + [result["rsum"]], abs=0.01)
+
+
+def test_protocol_ranks_are_the_per_query_ranks_of_the_protocol(monkeypatch):
+    monkeypatch.setattr(metrics, "COCO1K_FOLD_IMAGES", 20)            # 5 folds of 20 images
+    rng = np.random.default_rng(4)
+    sims = rng.standard_normal((100, 500)).astype(np.float32)
+    sims[np.arange(100), 5 * np.arange(100)] += 1.5
+    full_i2t, full_t2i = metrics.protocol_ranks([sims], "coco5k")
+    assert np.array_equal(full_i2t, i2t(sims)[1][0]) and np.array_equal(full_t2i, t2i(sims)[1][0])
+    # coco1k: ranks within each fold, the same from the 5 diagonal blocks or the full matrix.
+    blocks = [sims[i, c] for i, c in metrics.fold_slices("coco1k", 100, 5)]
+    fold_i2t, fold_t2i = metrics.protocol_ranks(blocks, "coco1k")
+    assert fold_i2t.shape == (100,) and fold_t2i.shape == (500,)
+    assert np.array_equal(fold_i2t[20:40], i2t(blocks[1])[1][0]) and np.array_equal(fold_t2i[100:200],
+                                                                                      t2i(blocks[1])[1][0])
+    for a, b in zip(metrics.protocol_ranks([sims], "coco1k"), (fold_i2t, fold_t2i)):
+        assert np.array_equal(a, b)
+    assert (fold_i2t <= full_i2t).all() and (fold_i2t < full_i2t).any()      # fewer candidates per fold

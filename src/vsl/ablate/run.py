@@ -22,8 +22,8 @@ from ..config import PRESETS, Config
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write_text
 from . import report
-from .runner import (Executor, Run, Slots, choose_slots, claim_folder, count_lines, dataset_fingerprint,
-                     logged_iterations, plan_runs, run_iterations, study_manifest, PER_RUN)
+from .runner import (PER_RUN, Executor, Run, Slots, choose_slots, claim_folder, count_lines, dataset_fingerprint,
+                     folder_lock, logged_iterations, plan_runs, run_iterations, study_manifest)
 from ..demo.data import DIFFICULTIES
 from .studies import STUDIES, Study, get_study
 
@@ -156,7 +156,15 @@ def dry_run_lines(prepared: Prepared, slots: Slots) -> List[str]:
 
 def run_study(prepared: Prepared, *, jobs: Optional[int] = None, progress: bool = True,
               plot: bool = True) -> Dict[str, Any]:
-    """Run what is left of a prepared study, then write rows and summary; returns the summary."""
+    """Run what is left of a prepared study, then write rows and summary; returns the summary.
+
+    One ``vsl ablate`` at a time per folder (``OUT/.lock`` holds its process id).
+    """
+    with folder_lock(prepared.out):
+        return _run_locked(prepared, jobs, progress, plot)
+
+
+def _run_locked(prepared: Prepared, jobs: Optional[int], progress: bool, plot: bool) -> Dict[str, Any]:
     from ..logs import progress_bar
 
     study, out, runs = prepared.study, prepared.out, prepared.runs
@@ -165,7 +173,7 @@ def run_study(prepared: Prepared, *, jobs: Optional[int] = None, progress: bool 
     slots = choose_slots(device, len(pending), jobs)
     done = len(runs) - len(pending)
     start = time.time()
-    print(f"vsl ablate --study {study.name}: {len(runs)} runs ({len(study.select([a.arm.name for a in runs]))} arms "
+    print(f"vsl ablate --study {study.name}: {len(runs)} runs ({len({r.arm.name for r in runs})} arms "
           f"x {len({r.seed for r in runs})} seeds) in {out}; {done} finished, {len(pending)} to run "
           f"{slots.describe() if pending else ''}", flush=True)
     if pending:
@@ -192,9 +200,9 @@ def run_study(prepared: Prepared, *, jobs: Optional[int] = None, progress: bool 
             executor.run(poll)
         finally:
             bar.close()
-            _write_results(prepared, plot)
+            write_results(prepared, plot)
     else:
-        _write_results(prepared, plot)
+        write_results(prepared, plot)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     print(report.summary_markdown(summary))
     print(f"wrote {out / 'runs.csv'}, runs.json, summary.json, summary.md{', summary.png' if plot else ''} "
@@ -202,7 +210,9 @@ def run_study(prepared: Prepared, *, jobs: Optional[int] = None, progress: bool 
     return summary
 
 
-def _write_results(prepared: Prepared, plot: bool) -> None:
+def write_results(prepared: Prepared, plot: bool = True) -> None:
+    """``runs.csv``, ``runs.json``, ``summary.json``, ``summary.md`` and ``summary.png`` from the
+    runs finished so far."""
     study, out, runs = prepared.study, prepared.out, prepared.runs
     rows = report.run_rows(study, runs)
     report.write_rows(out, rows)
@@ -246,6 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--force", action="store_true",
                    help="the folder holds another study or dataset: delete its runs and start over")
     g.add_argument("--no_plot", action="store_true", help="skip summary.png")
+    g.add_argument("--summary_only", action="store_true",
+                   help="write runs.csv/json and the summary from the runs finished so far, run nothing "
+                        "(safe while the study runs)")
     g.add_argument("--eval_split", choices=SPLITS, default="test", help="split of the test runs")
     g.add_argument("--protocol", choices=PROTOCOLS, default="full", help="evaluation protocol")
     d = parser.add_argument_group("demo data (when no --data_path is given)")
@@ -264,6 +277,11 @@ def run(args: argparse.Namespace, given: Mapping[str, Any]) -> int:
     prepared = prepare(args.study, args.seeds, out=args.out, given=given, preset=args.preset, arms=arms,
                        difficulty=args.difficulty, data_seed=args.data_seed, train_images=args.demo_images,
                        eval_split=args.eval_split, protocol=args.protocol, force=args.force, dry_run=args.dry_run)
+    if args.summary_only:
+        write_results(prepared, plot=not args.no_plot)
+        summary = json.loads((prepared.out / "summary.json").read_text(encoding="utf-8"))
+        print(report.summary_markdown(summary))
+        return 0
     if args.dry_run:
         pending = sum(1 for r in prepared.runs if r.state() != "finished")
         slots = choose_slots(str(prepared.recipe.get("device", Config.device)), pending, args.jobs)

@@ -21,6 +21,7 @@ tried again by the next invocation.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -235,6 +236,45 @@ def _difference(previous: Mapping[str, Any], manifest: Mapping[str, Any]) -> str
         return "was written with other training options (" + ", ".join(
             f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4]) + ")"
     return "was written with another evaluation (split/protocol) or version"
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path):
+    """Hold ``OUT/.lock`` (this process's id) while a study runs; refuse a folder another live
+    ``vsl ablate`` holds (two would train the same runs). A lock left by a dead process is taken over."""
+    path = out / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise ConfigError(f"{out}: another vsl ablate (process {pid}) is running this study; wait for it, "
+                                  "or look at its results with --summary_only") from None
+            path.unlink(missing_ok=True)                 # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        break
+    else:
+        raise ConfigError(f"{path}: cannot take the study's lock")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
