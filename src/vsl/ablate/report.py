@@ -25,7 +25,8 @@ from .studies import Study
 
 #: Metrics averaged over seeds: the recalls and rsum, then median and mean ranks.
 SEED_METRICS = stats.METRICS + ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
-ROW_FIELDS = ("study", "arm", "label", "seed", "status", "error", "seconds", "iterations", "best_dev_rsum",
+ROW_FIELDS = ("study", "arm", "label", "seed", "status", "error", "seconds", "cpu_seconds", "iterations",
+              "best_dev_rsum",
               *SEED_METRICS, "folder")
 
 
@@ -51,6 +52,7 @@ def run_row(study: Study, run: Run) -> Dict[str, Any]:
         row["status"] = status.get("status") if status.get("status") in ("failed", "running") else "missing"
         row["error"] = status.get("error") if row["status"] == "failed" else None
     row["seconds"] = status.get("seconds")
+    row["cpu_seconds"] = status.get("cpu_seconds")
     try:
         events = read_log(run.log)
     except OSError:
@@ -118,7 +120,9 @@ def summarize(study: Study, runs: Sequence[Run], rows: Sequence[Mapping[str, Any
         paired[name] = {m: {"diff": v["diff"], "ci95": v["ci95"]} for m, v in result.items()}
     labels = {r.arm.name: r.label for r in runs}
     missing = {a: sum(1 for r in rows if r["arm"] == a and r["status"] != "finished") for a in arm_names}
+    cpu = [r["cpu_seconds"] for r in rows if r["status"] == "finished" and r.get("cpu_seconds") is not None]
     summary = {"study": study.name, "baseline": base, "arms": arms, "paired": paired,
+               "cpu_seconds": {"finished_runs": len(cpu), "total": float(sum(cpu))},
                "labels": labels, "missing": missing, "missing_total": sum(missing.values()),
                "seeds": sorted({r.seed for r in runs}),
                "paired_seeds": {a: sorted({s for x, s in contributions if x == a} &

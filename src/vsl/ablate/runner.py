@@ -339,8 +339,11 @@ class Executor:
         self._stop = threading.Event()
         self._procs: Dict[int, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        #: CPU seconds (user + system) of the commands, per output file (train.out / eval.out).
+        self.cpu_seconds: Dict[Path, float] = {}
 
     def _command(self, argv: List[str], env: Dict[str, str], output: Path) -> int:
+        """Run one command, its output appended to ``output``; returns its exit status."""
         with open(output, "ab") as fh:
             fh.write(("$ " + shlex.join(argv) + "\n").encode())
             fh.flush()
@@ -348,10 +351,12 @@ class Executor:
             with self._lock:
                 self._procs[proc.pid] = proc
             try:
-                return proc.wait()
+                rc, cpu = _wait(proc)
             finally:
                 with self._lock:
                     self._procs.pop(proc.pid, None)
+        self.cpu_seconds[output] = self.cpu_seconds.get(output, 0.0) + cpu
+        return rc
 
     def _run_one(self, run: Run, slot: int) -> None:
         env = self.slots.env(slot)
@@ -370,7 +375,9 @@ class Executor:
                 _write_status(run, {**status, "status": "failed", "stage": "train", "error": error_line(output),
                                     "seconds": time.time() - start})
                 return
-            status.update(trained=True, train_seconds=status.get("train_seconds", 0.0) + time.time() - start)
+            status.update(trained=True, train_seconds=status.get("train_seconds", 0.0) + time.time() - start,
+                          train_cpu_seconds=status.get("train_cpu_seconds", 0.0)
+                          + self.cpu_seconds.get(run.folder / "train.out", 0.0))
             _write_status(run, status)
         eval_start = time.time()
         output = run.folder / "eval.out"
@@ -382,7 +389,12 @@ class Executor:
                                 "seconds": time.time() - start})
             return
         _write_status(run, {**status, "status": "finished", "eval_seconds": time.time() - eval_start,
-                            "seconds": status.get("train_seconds", 0.0) + time.time() - eval_start})
+                            "seconds": status.get("train_seconds", 0.0) + time.time() - eval_start,
+                            "cpu_seconds": self._cpu(run, status)})
+
+    def _cpu(self, run: Run, status: Mapping[str, Any]) -> float:
+        """CPU seconds of the run: its training (all attempts) and this evaluation."""
+        return float(status.get("train_cpu_seconds", 0.0)) + self.cpu_seconds.get(run.folder / "eval.out", 0.0)
 
     def _worker(self, slot: int, todo: "queue.Queue[Run]") -> None:
         while not self._stop.is_set():
@@ -425,6 +437,18 @@ class Executor:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _wait(proc: subprocess.Popen) -> Tuple[int, float]:
+    """Wait for ``proc``: its exit status and CPU seconds (user + system, where the OS reports them)."""
+    if not hasattr(os, "wait4"):
+        return proc.wait(), 0.0
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:                      # reaped by Executor.stop meanwhile
+        return proc.wait(), 0.0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def _write_status(run: Run, status: Mapping[str, Any]) -> None:
