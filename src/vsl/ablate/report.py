@@ -50,6 +50,7 @@ def run_row(study: Study, run: Run) -> Dict[str, Any]:
         row.update(run_metrics(json.loads(run.test_json.read_text(encoding="utf-8"))))
     else:
         row["status"] = status.get("status") if status.get("status") in ("failed", "running") else "missing"
+        # An interrupted run is missing (the next invocation resumes it).
         row["error"] = status.get("error") if row["status"] == "failed" else None
     row["seconds"] = status.get("seconds")
     row["cpu_seconds"] = status.get("cpu_seconds")

@@ -302,11 +302,13 @@ class Slots:
 
 def choose_slots(device: str, pending: int, jobs: Optional[int] = None) -> Slots:
     """CPU: ``jobs`` (default: one per core, at most one per pending run), cores split between them.
-    Several GPUs (``--device auto``/``cuda``): one run per GPU."""
+    GPUs (``--device auto``/``cuda``): one run per GPU; ``cuda:N``: one run at a time on it."""
     cores = os.cpu_count() or 1
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be positive, got {jobs}")
     gpus: Tuple[Optional[str], ...] = ()
+    if device.startswith("cuda:"):                 # one named GPU: the runs take turns on it
+        return Slots(jobs or 1, max(1, cores // (jobs or 1)))
     if device in ("auto", "cuda"):
         import torch
 
@@ -370,6 +372,7 @@ class Executor:
             output = run.folder / "train.out"
             rc = self._command(run.train_argv(), env, output)
             if self._stop.is_set():
+                _write_status(run, {**status, "status": "interrupted"})
                 return
             if rc != 0:
                 _write_status(run, {**status, "status": "failed", "stage": "train", "error": error_line(output),
@@ -383,6 +386,7 @@ class Executor:
         output = run.folder / "eval.out"
         rc = self._command(run.eval_argv(), env, output)
         if self._stop.is_set():
+            _write_status(run, {**status, "status": "interrupted"})
             return
         if rc != 0 or run.state() != "finished":
             _write_status(run, {**status, "status": "failed", "stage": "eval", "error": error_line(output),
