@@ -6,7 +6,7 @@ rate is extrapolated from the pairs it finished, marked "partial" in the table):
 
 1. **matrix-product rate** of the device: a square ``--matmul-size`` product in exact float32 (TF32
    off), in TF32 and in bfloat16.
-2. **per-caption loop** (the published evaluation): ``sim_enc.forward_per_caption`` over image and
+2. **per-caption loop** (the published evaluation): ``vsl.models.reference.published_similarity`` over image and
    caption shards of ``--loop-shard`` (published ``shard_size`` = 100) on a ``--loop-images`` x
    ``--loop-captions`` block, float32. The loop may stop before the block is done (at
    ``--loop-seconds``); its pairs/s then comes from the shards it finished. The batched scorer is
@@ -67,6 +67,7 @@ if importlib.util.find_spec("vsl") is None:      # running from a checkout that 
 
 from tqdm import tqdm
 
+from vsl.models.reference import published_similarity
 from vsl.config import PRECISIONS, Config
 from vsl.losses import VSLObjective
 from vsl.models import VSLModel, build_model
@@ -314,7 +315,7 @@ def loop_baseline(model: VSLModel, images, captions, lengths, shard: int, deadli
     with torch.inference_mode(), precision_context("fp32", device):
         img_emb = model.encode_images(images)
         cap_emb = model.encode_captions(captions, lengths)
-        model.sim_enc.forward_per_caption(img_emb[:shard], cap_emb[:2], lengths[:2])    # warm-up
+        published_similarity(model.sim_enc, img_emb[:shard], cap_emb[:2], lengths[:2])    # warm-up
         sync(device)
         loop_blocks: List[Tuple[int, int, torch.Tensor]] = []
         t0 = time.perf_counter()
@@ -322,7 +323,7 @@ def loop_baseline(model: VSLModel, images, captions, lengths, shard: int, deadli
         for i0 in range(0, n, shard):
             for j0 in range(0, m, shard):
                 # lengths stay on the host, as the published code's Python list of lengths.
-                out = model.sim_enc.forward_per_caption(img_emb[i0:i0 + shard], cap_emb[j0:j0 + shard],
+                out = published_similarity(model.sim_enc, img_emb[i0:i0 + shard], cap_emb[j0:j0 + shard],
                                                         lengths[j0:j0 + shard])
                 loop_blocks.append((i0, j0, out))
                 if time.perf_counter() > deadline:
@@ -364,7 +365,7 @@ def train_step_rate(config: Config, device: torch.device, precision: str, per_ca
             img_emb = model.encode_images(images)
             cap_emb = model.encode_captions(captions, lengths)
             if per_caption:
-                scores = model.sim_enc.forward_per_caption(img_emb, cap_emb, lengths)
+                scores = published_similarity(model.sim_enc, img_emb, cap_emb, lengths)
             else:
                 scores = model.similarity(img_emb, cap_emb, lengths_dev)
         # The losses compare scores at temperature 0.001: always in float32.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from test_train import single_thread, write_scan_dataset  # noqa: F401  (autouse: one intra-op thread)
+from vsl.models.reference import published_similarity
 from vsl.evaluation import run as evaluate_mod
 from vsl import metrics
 from vsl.checkpoint import load_checkpoint
@@ -45,7 +46,7 @@ def reference_scores(checkpoint: str, data: dict) -> torch.Tensor:
         cap_emb = torch.zeros(len(captions), ids.size(1), model.config.embed_size)
         for j, n in enumerate(lengths.tolist()):
             cap_emb[j, :n] = model.encode_captions(ids[j:j + 1, :n], lengths[j:j + 1])[0]
-        return model.sim_enc.forward_per_caption(model.encode_images(images), cap_emb, lengths)
+        return published_similarity(model.sim_enc, model.encode_images(images), cap_emb, lengths)
 
 
 @pytest.mark.parametrize("name", ["SGR", "SAF"])
