@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 if importlib.util.find_spec("vsl") is None:      # running from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import coco_like_lengths, flops_per_pair_batched, markdown_table, matmul_gflops, time_it  # noqa: E402
+from common import coco_like_lengths, flops_per_pair, markdown_table, matmul_rate, time_it  # noqa: E402
 
 from vsl.models.reference import published_similarity
 from vsl.checkpoint import save_checkpoint  # noqa: E402
@@ -138,8 +138,9 @@ def main(argv=None) -> int:
                       f"published {times[(t, 'published')][-1]:.1f} s (extrapolated)", flush=True)
 
     mean_len = float(coco_like_lengths(m).float().mean())
-    flops = flops_per_pair_batched(args.module_name, mean_len, args.embed_size, args.sim_dim) * n * m
-    rate = matmul_gflops(device)
+    sizes = Config(module_name=args.module_name, embed_size=args.embed_size, sim_dim=args.sim_dim)
+    flops = flops_per_pair(sizes, mean_len, published=False) * n * m
+    rate = matmul_rate(device, "fp32", 2048) / 1e9
     best_pub = min(statistics.median(times[(t, "published")]) for t in threads)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"\n{args.module_name} on {args.device} ({where}, torch {torch.__version__}), embed {args.embed_size}, sim {args.sim_dim}, img_dim {args.img_dim}: {n:,} images x "

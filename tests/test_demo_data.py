@@ -5,10 +5,10 @@ import re
 import numpy as np
 import pytest
 
+from vsl.data.vocab import Vocabulary, tokenize
 from vsl.demo import data as dd
 from vsl.demo.data import DemoSpec, demo_data_ready, make_demo_data, sample_split
 from vsl.errors import ConfigError, DataError
-from vsl.data.vocab import Vocabulary, tokenize
 
 SPEC = DemoSpec(seed=3, train_images=800, dev_images=40, test_images=200, img_dim=48)
 TINY = DemoSpec(seed=5, train_images=30, dev_images=10, test_images=20, img_dim=16)

@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from vsl import distributed as vdist
-from vsl.evaluation import image_shard, sharded_similarity
 from vsl.config import Config
 from vsl.errors import ConfigError
+from vsl.evaluation import image_shard, sharded_similarity
 from vsl.losses import VSLObjective
 from vsl.models import build_model
 
@@ -335,7 +335,7 @@ def torchrun(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def torchrun_dataset(tmp_path_factory):
-    from test_train import write_scan_dataset
+    from conftest import write_scan_dataset
     return write_scan_dataset(tmp_path_factory.mktemp("scan"), "easy_precomp",
                               {"train": TORCHRUN_TRAIN_IMAGES, "dev": 10, "test": 12})
 

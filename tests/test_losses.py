@@ -8,11 +8,19 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vsl.errors import ConfigError
-from vsl.losses import (TripletLoss, VisualSemanticLoss, VSLObjective, soft_rank, textual_semantic_loss,
-                        triplet_loss, visual_semantic_loss)
+from vsl.losses import (
+    TripletLoss,
+    VisualSemanticLoss,
+    VSLObjective,
+    soft_rank,
+    textual_semantic_loss,
+    triplet_loss,
+    visual_semantic_loss,
+)
 
 TOL = 1e-5
 

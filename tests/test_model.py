@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import vsl
-from vsl.models.reference import published_similarity
 from vsl.config import Config
 from vsl.models import build_model
+from vsl.models.reference import published_similarity
 
 MODULES = ["SGR", "SAF"]
 
