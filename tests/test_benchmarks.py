@@ -24,6 +24,7 @@ def bench():
     return load_benchmark("bench_gpu")
 
 
+@pytest.mark.slow
 def test_benchmark_code_paths_on_a_tiny_split(shared_data_dir, tmp_path, monkeypatch):
     """The two benchmarks' measurement functions, in process and at toy size (the real runs take minutes)."""
     monkeypatch.setenv("VSL_DATA_DIR", str(shared_data_dir))
@@ -46,6 +47,7 @@ def test_benchmark_code_paths_on_a_tiny_split(shared_data_dir, tmp_path, monkeyp
     del sys.modules["bench_data"], sys.modules["bench_semantics"]
 
 
+@pytest.mark.slow
 def test_bench_eval_smoke(capsys):
     """benchmarks/bench_eval.py runs end to end at tiny sizes and agrees with the published loop."""
     bench = load_benchmark("bench_eval")
@@ -109,6 +111,7 @@ def test_coco_caption_lengths_are_coco_like(bench):
     assert 1.8 <= lengths.float().std().item() <= 3.0
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_run_on_cpu(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--device", "cpu", "--quick", "--images", "6", "--captions", "20", "--loop-images", "6",
@@ -135,6 +138,7 @@ def test_benchmark_smoke_run_on_cpu(bench, tmp_path, capsys):
     assert all(r["pairs_per_s"] > 0 for r in rows if r.get("pairs"))
 
 
+@pytest.mark.slow
 def test_benchmark_skips_sections_once_the_budget_is_spent(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = bench.main(["--device", "cpu", "--quick", "--matmul-size", "32", "--time-budget", "0.001",

@@ -248,6 +248,7 @@ _MEMORY_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_vsl_batch_256_peak_memory_is_bounded():
     # A B^3 float32 tensor at B = 256 is 64 MiB; autograd over the naive formula keeps several
     # (measured ~400 MiB extra; one unchunked B^3 pass ~130 MiB). Chunked: two 4 MiB buffers.

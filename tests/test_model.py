@@ -67,7 +67,8 @@ def _random_model(module_name, seed=0, **kw):
 
 
 @pytest.mark.parametrize("name", MODULES)
-@pytest.mark.parametrize("chunk", [None, 1, 200, 5000])
+@pytest.mark.parametrize("chunk", [None, pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(200, marks=pytest.mark.slow), pytest.param(5000, marks=pytest.mark.slow)])
 def test_batched_equals_per_caption_loop(name, chunk):
     model = _random_model(name, seed=1)
     g = torch.Generator().manual_seed(2)

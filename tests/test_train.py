@@ -83,6 +83,7 @@ def run_a(dataset, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_and_logs(run_a):
     ckpt = run_a / "ckpt"
     names = sorted(p.name for p in ckpt.iterdir())
@@ -104,6 +105,7 @@ def test_training_writes_checkpoints_and_logs(run_a):
     assert list((run_a / "log").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_resume_from_epoch_1_checkpoint_reproduces_the_uninterrupted_run(run_a, tmp_path):
     # Only the output folders are given: every other option comes from the checkpoint.
     rc = main(["train", "--resume", str(run_a / "ckpt" / "checkpoint_1.pth.tar"), "--quiet",
@@ -117,6 +119,7 @@ def test_resume_from_epoch_1_checkpoint_reproduces_the_uninterrupted_run(run_a, 
     assert not (tmp_path / "ckpt" / "checkpoint_1.pth.tar").exists()
 
 
+@pytest.mark.slow
 def test_eval_of_the_trained_model_is_well_above_chance(run_a, dataset, tmp_path, capsys):
     out, sims_path = tmp_path / "result.json", tmp_path / "sims.npy"
     rc = main(["eval", "--checkpoint", str(run_a / "ckpt" / "checkpoint_2.pth.tar"), "--data_path",
@@ -165,6 +168,7 @@ def small_flags(data: dict, out: Path) -> list:
             "--model_name", str(out / "ckpt"), "--logger_name", str(out / "log")]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_cleanly_and_mid_epoch_resume_is_exact(tmp_path, monkeypatch, capsys):
     import vsl.train.trainer
 
