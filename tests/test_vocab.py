@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from vsl.errors import DataError, VSLError
 from vsl.data.vocab import SPECIAL_TOKENS, Vocabulary, tokenize, vocab_file
+from vsl.errors import DataError, VSLError
 
 
 # -- tokenization ------------------------------------------------------------------------------
