@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..config import PRESETS, Config
+from ..data.precomp import EVAL_SPLITS
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write_text
+from ..metrics import PROTOCOLS
 from . import report
 from .runner import (PER_RUN, Executor, Run, Slots, choose_slots, claim_folder, count_lines, dataset_fingerprint,
                      folder_lock, logged_iterations, plan_runs, run_iterations, study_manifest)
 from ..demo.data import DIFFICULTIES
 from .studies import STUDIES, Study, get_study
 
-SPLITS = ("dev", "test", "testall")
-PROTOCOLS = ("coco1k", "coco5k", "full")
 
 
 @dataclass
@@ -68,8 +68,8 @@ def prepare(study_name: str, seeds: Union[int, Sequence[int]], *, out: Optional[
         if name in given:
             raise ConfigError(f"--{name} is set by vsl ablate for each run (seeds 0..N-1 via --seeds, folders "
                               "under --out); leave it out")
-    if eval_split not in SPLITS or protocol not in PROTOCOLS:
-        raise ConfigError(f"evaluation split must be one of {SPLITS} and protocol one of {PROTOCOLS}, "
+    if eval_split not in EVAL_SPLITS or protocol not in PROTOCOLS:
+        raise ConfigError(f"evaluation split must be one of {EVAL_SPLITS} and protocol one of {PROTOCOLS}, "
                           f"got {eval_split!r}, {protocol!r}")
     out = Path(out) if out is not None else Path("vsl-ablate") / study.name
     demo_spec = None
@@ -259,7 +259,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--summary_only", action="store_true",
                    help="write runs.csv/json and the summary from the runs finished so far, run nothing "
                         "(safe while the study runs)")
-    g.add_argument("--eval_split", choices=SPLITS, default="test", help="split of the test runs")
+    g.add_argument("--eval_split", choices=EVAL_SPLITS, default="test", help="split of the test runs")
     g.add_argument("--protocol", choices=PROTOCOLS, default="full", help="evaluation protocol")
     d = parser.add_argument_group("demo data (when no --data_path is given)")
     d.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="default",
