@@ -105,6 +105,23 @@ def test_every_study_has_its_baseline_and_folder_safe_arm_names():
     assert get_study("batch-size").arm("bs32").overrides == {"batch_size": 32}
 
 
+def test_slots_split_the_cores_on_cpu_and_give_one_run_per_gpu(monkeypatch):
+    import torch
+
+    from vsl.ablate.runner import choose_slots
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert choose_slots("cpu", 10) == Slots(10, 1) and choose_slots("cpu", 3) == Slots(3, 5)
+    assert choose_slots("cpu", 10, jobs=4).env(3) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    slots = choose_slots("auto", 10)
+    assert slots.jobs == 3 and [slots.env(k)["CUDA_VISIBLE_DEVICES"] for k in range(3)] == ["0", "1", "2"]
+    assert choose_slots("cuda:1", 10) == Slots(1, 16)           # one named GPU: runs take turns
+    with pytest.raises(ConfigError, match="--jobs must be positive"):
+        choose_slots("cpu", 3, jobs=0)
+
+
 # --- a study folder without training: fake commands ----------------------------------------------
 @pytest.fixture
 def tiny_data(tmp_path_factory):

@@ -3,6 +3,7 @@
 * ``vsl train``: the published ``train.py`` flags, verbatim, plus the VSL options -> :func:`vsl.train.train`
 * ``vsl eval``: one checkpoint or two (SGRAF ensemble) on a split and protocol -> :func:`vsl.evaluate.evaluate`
 * ``vsl make-demo-data`` / ``vsl demo``: the procedural demo dataset and the demo run.
+* ``vsl ablate``: a study's arms x seeds (the ``vsl train`` flags pass through) -> :func:`vsl.ablate.run.run`
 
 User errors (:class:`vsl.errors.VSLError`) print ``vsl: error: <one line>`` and exit with status 2.
 """
