@@ -1,6 +1,8 @@
 """vsl ablate: the statistics against hand-computed cases, command lines, skip/resume, bad input."""
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +269,22 @@ def test_summary_only_while_running_and_one_study_process_per_folder(tmp_path, t
     with folder_lock(out):
         assert (out / ".lock").read_text().strip() == str(os.getpid())
     assert not (out / ".lock").exists()
+
+
+def test_sigterm_stops_the_study_and_leaves_the_runs_resumable(tmp_path, tiny_data):
+    import signal
+    import threading
+
+    fake = _fake(prepare("vsl", 1, out=tmp_path / "s", given=_given(tiny_data)))
+    run = fake.runs[0]
+    run.train_argv = lambda: [sys.executable, "-c", "import time; time.sleep(60)"]
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    start = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        Executor(fake.runs[:1], Slots(1, 1)).run()
+    assert time.time() - start < 30 and run.status()["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
 # --- bad input --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import os
 import queue
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -341,6 +342,7 @@ class Executor:
         self._stop = threading.Event()
         self._procs: Dict[int, subprocess.Popen] = {}
         self._lock = threading.Lock()
+        self._busy = 0                                 # workers not yet returned
         #: CPU seconds (user + system) of the commands, per output file (train.out / eval.out).
         self.cpu_seconds: Dict[Path, float] = {}
 
@@ -349,8 +351,10 @@ class Executor:
         with open(output, "ab") as fh:
             fh.write(("$ " + shlex.join(argv) + "\n").encode())
             fh.flush()
-            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env})
-            with self._lock:
+            with self._lock:                           # no start after stop() has looked at _procs
+                if self._stop.is_set():
+                    return -1
+                proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env})
                 self._procs[proc.pid] = proc
             try:
                 rc, cpu = _wait(proc)
@@ -401,14 +405,20 @@ class Executor:
         return float(status.get("train_cpu_seconds", 0.0)) + self.cpu_seconds.get(run.folder / "eval.out", 0.0)
 
     def _worker(self, slot: int, todo: "queue.Queue[Run]") -> None:
-        while not self._stop.is_set():
-            try:
-                run = todo.get_nowait()
-            except queue.Empty:
-                return
-            self._run_one(run, slot)
-            if self.on_done is not None and not self._stop.is_set():
-                self.on_done(run)
+        with self._lock:
+            self._busy += 1
+        try:
+            while not self._stop.is_set():
+                try:
+                    run = todo.get_nowait()
+                except queue.Empty:
+                    return
+                self._run_one(run, slot)
+                if self.on_done is not None and not self._stop.is_set():
+                    self.on_done(run)
+        finally:
+            with self._lock:
+                self._busy -= 1
 
     def run(self, poll=None, interval: float = 1.0) -> None:
         """Run everything; ``poll()`` is called every ``interval`` s meanwhile (progress)."""
@@ -417,9 +427,13 @@ class Executor:
             todo.put(r)
         threads = [threading.Thread(target=self._worker, args=(s, todo), daemon=True)
                    for s in range(min(self.slots.jobs, len(self.runs)))]
-        for t in threads:
-            t.start()
+        # A scheduler's SIGTERM stops the study like Ctrl-C: children terminated, runs resumable.
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
+            for t in threads:
+                t.start()
             while any(t.is_alive() for t in threads):
                 if poll is not None:
                     poll()
@@ -427,12 +441,20 @@ class Executor:
                     t.join(timeout=interval / max(1, len(threads)))
         except BaseException:
             self.stop()
+            # Let each worker record its run as interrupted. (Not Thread.join: a join interrupted
+            # by the signal can return at once afterwards, before the thread has finished.)
+            deadline = time.time() + 60
+            while self._busy and time.time() < deadline:
+                time.sleep(0.05)
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def stop(self) -> None:
         """Stop: no new commands; the running ones are terminated (they resume next time)."""
-        self._stop.set()
         with self._lock:
+            self._stop.set()
             procs = list(self._procs.values())
         for p in procs:
             p.terminate()
@@ -441,6 +463,10 @@ class Executor:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _wait(proc: subprocess.Popen) -> Tuple[int, float]:
