@@ -196,7 +196,7 @@ def test_study_rows_summary_skip_and_failed_run(tmp_path, tiny_data, monkeypatch
     assert set(summary["arms"]["vsl"]["metrics"]["rsum"]) == {"mean", "ci95"}
     assert set(summary["paired"]["vsl"]["rsum"]) == {"diff", "ci95"}
     md = (out / "summary.md").read_text()
-    assert "2 run(s) missing or failed" in md and "SGR* (baseline)" in md and (out / "summary.png").stat().st_size
+    assert "2 run(s) not finished" in md and "SGR* (baseline)" in md and (out / "summary.png").stat().st_size
     # Running again: finished runs are skipped, the failed ones are retried (and now succeed).
     prepared = _fake(prepare("vsl", 3, out=out, given=_given(tiny_data)))
     assert sum(r.state() == "finished" for r in prepared.runs) == 4
@@ -255,7 +255,7 @@ def test_summary_only_while_running_and_one_study_process_per_folder(tmp_path, t
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["arms"]["triplet"]["runs"] == 1 and summary["missing_total"] == 3
-    assert "3 run(s) missing" in capsys.readouterr().out and not (out / ".lock").exists()
+    assert "3 run(s) not finished" in capsys.readouterr().out and not (out / ".lock").exists()
     # A live process holds the folder: refused, naming it; a dead one's lock is taken over.
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -40,7 +40,7 @@ def run_metrics(result: Mapping) -> Dict[str, float]:
 
 
 def run_row(study: Study, run: Run) -> Dict[str, Any]:
-    """The row of one run: ``status`` finished / failed (with ``error``) / running / missing."""
+    """The row of one run: ``status`` finished / failed (with ``error``) / running / interrupted / missing."""
     status = run.status()
     row: Dict[str, Any] = {k: None for k in ROW_FIELDS}
     row.update(study=study.name, arm=run.arm.name, label=run.label, seed=run.seed, folder=str(run.folder))
@@ -49,8 +49,9 @@ def run_row(study: Study, run: Run) -> Dict[str, Any]:
         row["status"] = "finished"
         row.update(run_metrics(json.loads(run.test_json.read_text(encoding="utf-8"))))
     else:
-        row["status"] = status.get("status") if status.get("status") in ("failed", "running") else "missing"
-        # An interrupted run is missing (the next invocation resumes it).
+        # running (now, or killed without a word), interrupted (resumed next time), failed (tried again)
+        row["status"] = status.get("status") if status.get("status") in ("failed", "running", "interrupted") \
+            else "missing"
         row["error"] = status.get("error") if row["status"] == "failed" else None
     row["seconds"] = status.get("seconds")
     row["cpu_seconds"] = status.get("cpu_seconds")
@@ -172,7 +173,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
                              f"{d['diff']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]")
             lines.append(f"| {summary['labels'].get(name, name)} | {pairs} | " + " | ".join(cells) + " |")
     if summary["missing_total"]:
-        lines += ["", f"{summary['missing_total']} run(s) missing or failed (not counted): see runs.csv."]
+        lines += ["", f"{summary['missing_total']} run(s) not finished (running, interrupted, failed or not "
+                      "started; not counted): see runs.csv."]
     return "\n".join(lines) + "\n"
 
 
