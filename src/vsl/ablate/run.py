@@ -245,10 +245,10 @@ command again skips finished runs, resumes interrupted ones and retries failed o
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``vsl ablate`` itself (the cli adds the ``vsl train`` flags)."""
     g = parser.add_argument_group("study")
-    g.add_argument("--study", required=True, help=f"one of {', '.join(STUDIES)} (required)")
+    g.add_argument("--study", required=True, help=f"one of {', '.join(STUDIES)} (default: none, required)")
     g.add_argument("--seeds", type=int, default=3, help="seeds per arm: 0 .. N-1")
-    g.add_argument("--arms", default="", help="comma-separated subset of the study's arms (the baseline is "
-                                              "always run; default: all)")
+    g.add_argument("--arms", default="", help="comma-separated subset of the study's arms, the baseline always "
+                                              "included (default: all)")
     g.add_argument("--out", default=None, help="study folder (default: ./vsl-ablate/STUDY)")
     g.add_argument("--jobs", type=int, default=None,
                    help="runs at a time (default: one per CPU core, threads split between them; one per GPU)")
