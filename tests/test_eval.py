@@ -99,10 +99,18 @@ def test_coco1k_scores_only_the_fold_blocks_and_matches_the_full_matrix_protocol
     monkeypatch.setattr(evaluate_mod, "score", lambda model, emb, **kw: calls.append(emb.images.shape[0])
                         or real_score(model, emb, **kw))
     blocks = evaluate([checkpoints["SGR"]], data["data_path"], "testall", "coco1k", progress=False,
-                      vocab_path=data["vocab_path"])
+                      vocab_path=data["vocab_path"], save_ranks=tmp_path / "blocks.npz")
     assert calls == [2] * 5                                          # 5 blocks of 2 x 10, not 10 x 50
     full = evaluate([checkpoints["SGR"]], data["data_path"], "testall", "coco1k", progress=False,
-                    vocab_path=data["vocab_path"], save_sims=tmp_path / "full.npy")   # -> metrics.evaluate_protocol
+                    vocab_path=data["vocab_path"], save_sims=tmp_path / "full.npy",   # -> metrics.evaluate_protocol
+                    save_ranks=tmp_path / "full.npz")
+    # Per-query ranks within the folds, the same from both paths, and they give the folds' recalls.
+    with np.load(tmp_path / "blocks.npz") as a, np.load(tmp_path / "full.npz") as b:
+        assert a["i2t"].shape == (10,) and a["t2i"].shape == (50,)
+        assert np.array_equal(a["i2t"], b["i2t"]) and np.array_equal(a["t2i"], b["t2i"])
+        assert (a["i2t"] < 10).all() and (a["t2i"] < 2).all()        # within folds of 2 images x 10 captions
+        fold1 = metrics.recall_at_k(a["i2t"][2:4], (1,))[0] + metrics.recall_at_k(a["t2i"][10:20], (1,))[0]
+        assert fold1 == pytest.approx(blocks["folds"][1]["i2t"]["r1"] + blocks["folds"][1]["t2i"]["r1"])
     expected = metrics.evaluate_protocol(np.load(tmp_path / "full.npy"), "coco1k")
     for result in (blocks, full):
         assert result["rsum"] == pytest.approx(expected["rsum"])
