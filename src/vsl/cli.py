@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from .config import MODULE_NAMES, PRECISIONS, PRESETS, SEMANTICS, VSL_RANKS, Config
+from .config import FAST_START, MODULE_NAMES, PRECISIONS, PRESETS, SEMANTICS, VSL_RANKS, Config
 from .errors import VSLError
 
 _DEFAULTS = Config.__dataclass_fields__
@@ -51,7 +51,7 @@ Train SGR or SAF with the Visual Semantic Loss. The published train.py flags are
             --num_epochs 25 --lr_update 10 --learning_rate 0.0003 --module_name SGR
 
 Options are resolved in this order: Config defaults < checkpoint options (--resume) < --preset
-< flags given on the command line.
+< --fast_start < flags given on the command line.
 
 Outputs: {model_name}/checkpoint_{E}.pth.tar after epoch E, checkpoint_last.pth.tar (latest, also
 mid-epoch every --val_step iterations), model_best.pth.tar (best dev rsum);
@@ -97,6 +97,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _config_option(opt, "--learning_rate", dest="learning_rate", type=float, help="initial Adam learning rate")
     _config_option(opt, "--warmup_iters", dest="warmup_iters", type=int,
                    help="linear learning-rate warm-up over the first N iterations (not in the paper)")
+    _config_option(opt, "--negatives_warmup_epochs", dest="negatives_warmup_epochs", type=int,
+                   help="sum the triplet hinge over all negatives for the first K epochs, then take the "
+                        "hardest (not in the paper; 0 = the paper)")
+    opt.add_argument("--fast_start", action="store_true",
+                     help="leave the plateau of constant scores early (not in the paper): "
+                          + " ".join(f"--{k} {v}" for k, v in FAST_START.items())
+                          + "; flags given explicitly still win (default: off)")
     _config_option(opt, "--grad_clip", dest="grad_clip", type=float, help="clip the gradient norm to this (<= 0: off)")
     _config_option(opt, "--margin", dest="margin", type=float, help="triplet loss margin")
     _config_option(opt, "--max_violation", dest="max_violation", action="store_false",
@@ -105,6 +112,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _config_option(opt, "--no_max_violation", dest="max_violation", action="store_false",
                    help="sum the triplet loss over all negatives instead of the hardest one. Hardest negatives")
     _config_option(opt, "--log_step", dest="log_step", type=int, help="log the loss every N iterations")
+    _config_option(opt, "--stop_on_plateau", dest="stop_on_plateau", type=int,
+                   help="stop (checkpoint_last written, exit 0) after N iterations on the plateau of constant "
+                        "scores; 0 = only warn")
+    _config_option(opt, "--plateau_std", dest="plateau_std", type=float,
+                   help="the plateau: standard deviation of the batch's scores below this ...")
+    _config_option(opt, "--plateau_log_steps", dest="plateau_log_steps", type=int,
+                   help="... and triplet loss at its collapsed value (2*B*margin) for N consecutive log steps "
+                        "(0 = no detection)")
     _config_option(opt, "--val_step", dest="val_step", type=int,
                    help="validate and write checkpoint_last every N iterations (<= 0: only after epochs)")
 
@@ -145,7 +160,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace) -> Config:
-    """Config of ``vsl train``: defaults < resumed checkpoint < preset < explicit flags."""
+    """Config of ``vsl train``: defaults < resumed checkpoint < preset < --fast_start < explicit flags."""
     fields = set(_DEFAULTS)
     given = {k: v for k, v in vars(args).items() if k in fields}
     values: Dict[str, Any] = {}
@@ -154,6 +169,8 @@ def train_config(args: argparse.Namespace) -> Config:
         values.update(read_checkpoint(args.resume)["config"].to_dict())
     if args.preset:
         values.update(PRESETS[args.preset])
+    if getattr(args, "fast_start", False):
+        values.update(FAST_START)
     values.update(given)
     return Config.from_dict(values)
 
@@ -169,6 +186,9 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         cleanup()
     if not info.is_main:
+        return 0
+    if summary["stopped"]:
+        print(f"{summary['stopped']}; best dev rsum {summary['best_rsum']:.2f}")
         return 0
     print(f"done: {summary['epoch']} epochs, {summary['iteration']} iterations, best dev rsum "
           f"{summary['best_rsum']:.2f}; checkpoints in {config.model_name}")
