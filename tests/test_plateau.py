@@ -91,3 +91,103 @@ def test_resume_across_the_negatives_switch_equals_the_uninterrupted_run(tiny_da
                             read_checkpoint(paper / "ckpt" / "checkpoint_1.pth.tar"))
     first, second = [r for r in warm if r["epoch"] == 0], [r for r in warm if r["epoch"] == 1]
     assert min(r["triplet"] for r in first) > max(r["triplet"] for r in second)
+
+
+# ------------------------------------------------------------------------------------------------
+# Detection on made-up log steps
+# ------------------------------------------------------------------------------------------------
+B, MARGIN = 64, 0.2
+FLAT = collapsed_triplet(B, MARGIN, hardest=True)               # 2 * B * margin = 25.6
+
+
+def test_collapsed_values_and_the_exit_criterion():
+    assert FLAT == pytest.approx(25.6)
+    assert collapsed_triplet(B, MARGIN, hardest=False) == pytest.approx(2 * B * (B - 1) * MARGIN)
+    # Equal scores give exactly the collapsed value, both ways.
+    from vsl.losses import triplet_loss
+    scores = torch.full((B, B), 0.37)
+    for hardest in (True, False):
+        assert float(triplet_loss(scores, MARGIN, hardest)) == pytest.approx(collapsed_triplet(B, MARGIN, hardest))
+    assert not left_plateau(FLAT * 0.95, B, MARGIN, True) and left_plateau(FLAT * LEFT_FRACTION * 0.99, B, MARGIN, True)
+
+
+def test_a_collapsed_streak_is_detected_after_log_steps_and_announced_once():
+    detector = PlateauDetector(std_threshold=1e-4, log_steps=3)
+    found = [detector.update(step, FLAT * 1.001, 2e-6, B, MARGIN, True) for step in (10, 20, 30, 40, 50)]
+    assert found[:2] == [None, None]
+    assert [(p.since, p.step, p.iterations) for p in found[2:]] == [(10, 30, 20), (10, 40, 30), (10, 50, 40)]
+    assert [detector.announce() for _ in range(3)] == [True, False, False]
+    # One step that is not collapsed ends the streak; the next plateau is announced again.
+    assert detector.update(60, FLAT * 0.8, 2e-6, B, MARGIN, True) is None
+    again = [detector.update(step, FLAT, 1e-7, B, MARGIN, True) for step in (70, 80, 90)]
+    assert again[-1].since == 70 and detector.announce()
+    # The last, smaller batch of an epoch and the all-negatives sum have their own collapsed values.
+    sum_flat = collapsed_triplet(24, MARGIN, hardest=False)
+    assert detector.collapsed(sum_flat, 1e-6, 24, MARGIN, False) and not detector.collapsed(FLAT, 1e-6, 24, MARGIN, False)
+    assert "plateau" in again[-1].warning(1e-4) and "--fast_start" in again[-1].warning(1e-4)
+
+
+def test_log_steps_of_a_learning_run_are_never_flagged():
+    detector = PlateauDetector(std_threshold=1e-4, log_steps=2)
+    # Near the collapsed value but with spread-out scores (the start of every run) ...
+    assert all(detector.update(s, FLAT * 1.002, 1e-3, B, MARGIN, True) is None for s in range(10, 200, 10))
+    # ... and constant-looking scores whose loss falls: neither is the plateau.
+    assert all(detector.update(s, FLAT * (0.98 - s / 1e4), 5e-5, B, MARGIN, True) is None for s in range(10, 200, 10))
+    assert all(PlateauDetector(1e-4, 0).update(s, FLAT, 0.0, B, MARGIN, True) is None for s in range(10, 100, 10))
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: a stuck run and runs that learn (60 images, batch 16: 19 batches per epoch)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    return write_scan_dataset(tmp_path_factory.mktemp("small"), "small_precomp", {"train": 60, "dev": 10}, seed=3)
+
+
+def small_flags(data: dict, out: Path, *extra: str) -> list:
+    return tiny_flags(data, out, "--batch_size", "16", "--log_step", "2", "--num_epochs", "3", *extra)
+
+
+@pytest.mark.slow
+def test_a_stuck_run_warns_once_logs_the_event_and_stops_with_a_resumable_checkpoint(small_data, tmp_path, capsys):
+    out = tmp_path / "stuck"
+    # Hardest negatives at a high learning rate: the scores collapse within a few iterations.
+    assert main(small_flags(small_data, out, "--learning_rate", "0.03", "--stop_on_plateau", "10")) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "plateau of constant scores" in warnings[0] and "--fast_start" in warnings[0]
+    events = read_metrics(out / "log")
+    plateau = [e for e in events if e["split"] == "plateau"]
+    stop = [e for e in events if e["split"] == "plateau_stop"]
+    assert len(plateau) == 1 and len(stop) == 1
+    assert stop[0]["iterations"] >= 10 and stop[0]["step"] == stop[0]["since"] + stop[0]["iterations"]
+    # The detected streak: plateau_log_steps (5) collapsed log steps, std tiny, loss = 2 * B * margin.
+    streak = [e for e in events if e["split"] == "train" and plateau[0]["since"] <= e["step"] <= plateau[0]["step"]]
+    assert len(streak) == 5 and all(e["score_std"] < 1e-4 for e in streak)
+    assert all(abs(e["triplet"] - 2 * 16 * 0.2) < 0.07 for e in streak)
+    assert "stopped after" in captured.out and "checkpoint_last.pth.tar" in captured.out
+    assert captured.out.count("\n") == 1
+    # The run stopped early; checkpoint_last holds the state at the stop and resumes exactly from there.
+    last = read_checkpoint(out / "ckpt" / "checkpoint_last.pth.tar")
+    assert last["iteration"] == stop[0]["step"] < 3 * 19
+    assert not (out / "ckpt" / "checkpoint_3.pth.tar").exists()
+    assert main(["train", "--resume", str(out / "ckpt" / "checkpoint_last.pth.tar"), "--stop_on_plateau", "0",
+                 "--quiet"]) == 0
+    assert read_checkpoint(out / "ckpt" / "checkpoint_3.pth.tar")["iteration"] == 3 * 19
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [
+    ("--no_max_violation", "--learning_rate", "0.01"),                            # all negatives throughout
+    ("--negatives_warmup_epochs", "2", "--learning_rate", "0.01", "--lr_update", "2", "--num_epochs", "4"),
+], ids=["all-negatives", "negatives-warmup-then-hardest"])
+def test_runs_that_learn_are_never_flagged(small_data, tmp_path, capsys, recipe):
+    out = tmp_path / "learning"
+    assert main(small_flags(small_data, out, "--stop_on_plateau", "1", *recipe)) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "stopped" not in captured.out
+    events = read_metrics(out / "log")
+    assert not [e for e in events if e["split"].startswith("plateau")]
+    train = train_events(out / "log")
+    assert train[-1]["step"] == int(dict(zip(recipe, recipe[1:])).get("--num_epochs", 3)) * 19  # ran to the end
+    assert min(e["score_std"] for e in train[len(train) // 2:]) > 100 * 1e-4      # the scores spread out
