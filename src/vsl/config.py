@@ -143,7 +143,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 #: ``benchmarks/bench_plateau.py``). The hinge is summed over all negatives for the first epoch (it
 #: has a gradient for every pair while the scores are still equal), with a higher learning rate
 #: reached by a linear warm-up; the hardest negative takes over from the second epoch.
-FAST_START: Dict[str, Any] = dict(negatives_warmup_epochs=1, warmup_iters=100, learning_rate=2e-3)
+FAST_START: Dict[str, Any] = dict(negatives_warmup_epochs=1, warmup_iters=50, learning_rate=4e-3)
 
 
 def preset(name: str, fast_start: bool = False, **overrides: Any) -> Config:
