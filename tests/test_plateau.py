@@ -23,7 +23,7 @@ from vsl.config import FAST_START, Config, preset
 from vsl.errors import ConfigError
 from vsl.logs import read_metrics
 from vsl.train.plateau import LEFT_FRACTION, PlateauDetector, collapsed_triplet, left_plateau
-from vsl.train.trainer import hardest_negatives
+from vsl.train.trainer import hardest_negatives, learning_rate
 
 
 def tiny_flags(data: dict, out: Path, *extra: str) -> list:
@@ -51,6 +51,16 @@ def test_negatives_warmup_sums_for_k_epochs_then_takes_the_hardest():
         Config(negatives_warmup_epochs=-1)
     with pytest.raises(ConfigError, match="stop_on_plateau must be >= 0"):
         Config(stop_on_plateau=-5)
+    with pytest.raises(ConfigError, match="negatives_warmup_lr must be positive"):
+        Config(negatives_warmup_lr=0.0)
+
+
+def test_the_negatives_warmup_has_its_own_learning_rate():
+    config = Config(vocab_size=10, learning_rate=3e-4, lr_update=10, negatives_warmup_epochs=1,
+                    negatives_warmup_lr=4e-3, warmup_iters=4)
+    assert [learning_rate(config, 0, i) for i in (0, 1, 3, 50)] == pytest.approx([1e-3, 2e-3, 4e-3, 4e-3])
+    assert [learning_rate(config, e, 500) for e in (1, 9, 10)] == pytest.approx([3e-4, 3e-4, 3e-5])
+    assert learning_rate(config.replace(negatives_warmup_lr=None), 0, 50) == pytest.approx(3e-4)
 
 
 def test_fast_start_fills_its_options_and_explicit_flags_still_win():
@@ -59,8 +69,9 @@ def test_fast_start_fills_its_options_and_explicit_flags_still_win():
     assert (paper.negatives_warmup_epochs, paper.warmup_iters, paper.learning_rate) == (0, 0, 3e-4)
     fast = train_config(parser.parse_args(["train", "--preset", "coco-sgr", "--fast_start"]))
     assert {k: getattr(fast, k) for k in FAST_START} == FAST_START and fast.module_name == "SGR"
-    mixed = train_config(parser.parse_args(["train", "--fast_start", "--learning_rate", "0.001"]))
-    assert mixed.learning_rate == 0.001 and mixed.negatives_warmup_epochs == FAST_START["negatives_warmup_epochs"]
+    mixed = train_config(parser.parse_args(["train", "--fast_start", "--negatives_warmup_lr", "0.001"]))
+    assert mixed.negatives_warmup_lr == 0.001 and mixed.negatives_warmup_epochs == FAST_START["negatives_warmup_epochs"]
+    assert mixed.learning_rate == 3e-4                   # after the warm-up: the paper's rate
     assert preset("f30k-saf", fast_start=True).to_dict() == {**preset("f30k-saf").to_dict(), **FAST_START}
 
 
@@ -72,13 +83,15 @@ def tiny_data(tmp_path_factory):
 @pytest.mark.slow
 def test_resume_across_the_negatives_switch_equals_the_uninterrupted_run(tiny_data, tmp_path):
     full, resumed, paper = tmp_path / "full", tmp_path / "resumed", tmp_path / "paper"
-    assert main(tiny_flags(tiny_data, full, "--negatives_warmup_epochs", "1")) == 0     # 13 batches per epoch
+    warmup = ("--negatives_warmup_epochs", "1", "--negatives_warmup_lr", "0.003")
+    assert main(tiny_flags(tiny_data, full, *warmup)) == 0     # 13 batches per epoch
     # The resumed process never ran epoch 1: it must take the hardest negative from the options alone.
     assert main(["train", "--resume", str(full / "ckpt" / "checkpoint_1.pth.tar"), "--quiet",
                  "--model_name", str(resumed / "ckpt"), "--logger_name", str(resumed / "log")]) == 0
     expected = read_checkpoint(full / "ckpt" / "checkpoint_2.pth.tar")
     got = read_checkpoint(resumed / "ckpt" / "checkpoint_2.pth.tar")
-    assert got["config"].negatives_warmup_epochs == 1
+    assert (got["config"].negatives_warmup_epochs, got["config"].negatives_warmup_lr) == (1, 0.003)
+    assert {r["lr"] for r in train_events(resumed / "log")} == {3e-4}
     assert states_equal(got, expected) and optimizer_states_equal(got, expected)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows if r["epoch"] == 1]  # noqa: E731
     assert strip(train_events(resumed / "log")) == strip(train_events(full / "log"))

@@ -100,6 +100,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _config_option(opt, "--negatives_warmup_epochs", dest="negatives_warmup_epochs", type=int,
                    help="sum the triplet hinge over all negatives for the first K epochs, then take the "
                         "hardest (not in the paper; 0 = the paper)")
+    _config_option(opt, "--negatives_warmup_lr", dest="negatives_warmup_lr", type=float,
+                   help="learning rate during the negatives warm-up (default: --learning_rate)")
     opt.add_argument("--fast_start", action="store_true",
                      help="leave the plateau of constant scores early (not in the paper): "
                           + " ".join(f"--{k} {v}" for k, v in FAST_START.items())

@@ -63,8 +63,12 @@ def epoch_checkpoint(epoch: int) -> str:
 
 
 def learning_rate(config: Config, epoch: int, iteration: int) -> float:
-    """Step decay x0.1 every ``lr_update`` epochs (published), with optional linear warm-up."""
-    lr = config.learning_rate * 0.1 ** (epoch // max(1, config.lr_update))
+    """Step decay x0.1 every ``lr_update`` epochs (published), with optional linear warm-up; during the
+    negatives warm-up ``negatives_warmup_lr`` (if set) replaces ``learning_rate``."""
+    base = config.learning_rate
+    if config.negatives_warmup_lr is not None and epoch < config.negatives_warmup_epochs:
+        base = config.negatives_warmup_lr
+    lr = base * 0.1 ** (epoch // max(1, config.lr_update))
     if config.warmup_iters > 0 and iteration < config.warmup_iters:
         lr *= (iteration + 1) / config.warmup_iters
     return lr
