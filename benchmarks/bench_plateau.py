@@ -160,7 +160,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         left = r["left_plateau_at"] if r["left_plateau_at"] is not None else f"not in {r['iterations']}"
         table.append([r["dataset"], r["recipe"], left, ratio, "yes" if r["warned"] else "no",
                       " / ".join(f"{x:.1f}" for x in r["dev_rsum"]) or "-",
-                      r["dev_rsum"][-1] if r["dev_rsum"] else "-", r["seconds"], r["status"]])
+                      r["dev_rsum"][-1] if r["dev_rsum"] else "-",
+                      "-" if r["seconds"] is None else str(round(r["seconds"])), r["status"]])
     print(f"fast = {' '.join(f'--{k} {v}' for k, v in FAST_START.items())}; both: {args.epochs} epochs, "
           f"x0.1 every {args.lr_update}, seed {args.seed}, {args.images} training images, sizes {SIZES}")
     print(markdown_table(["data", "recipe", "left plateau at iter", "vs paper", "plateau warning",

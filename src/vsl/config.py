@@ -148,7 +148,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 #: reached by a linear warm-up; from the third epoch on the run is the paper's: hardest negatives at
 #: ``learning_rate``. Measured on 1,500 training images (118 iterations per epoch): the sum leaves the
 #: plateau within 80-100 iterations; hardest negatives after one epoch of it collapsed the scores
-#: again (at 4e-3 within 10 iterations, at the paper's 3e-4 within 40).
+#: again (at 4e-3 within 10 iterations, at the paper's 3e-4 within 80).
 FAST_START: Dict[str, Any] = dict(negatives_warmup_epochs=2, negatives_warmup_lr=4e-3, warmup_iters=50)
 
 
