@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from nltk.tokenize.punkt import PunktSentenceTokenizer
 
-from vsl.errors import DataError, VSLError
 from vsl.data.vocab import SPECIAL_TOKENS, Vocabulary, sentence_tokenizer, sentences, tokenize, vocab_file
+from vsl.errors import DataError, VSLError
 
 
 # -- tokenization ------------------------------------------------------------------------------
