@@ -241,7 +241,8 @@ def main() -> None:
           f"{baseline['rss_before_mb'] + growth_base * args.batches:.0f} MiB")
     worst = max(max(r["peak_rss_mb"], r["worker_peak_rss_mb"]) for _, r in rows[:3])
     ok = worst * 2 ** 20 < 2e9
-    print(f"target: peak RSS < 2 GB over {args.batches} batches: {'PASS' if ok else 'FAIL'} (worst vsl row {worst:.0f} MiB = {worst * 2 ** 20 / 1e9:.2f} GB)\n")
+    print(f"target: peak RSS < 2 GB over {args.batches} batches: {'PASS' if ok else 'FAIL'} "
+          f"(worst vsl row {worst:.0f} MiB = {worst * 2 ** 20 / 1e9:.2f} GB)\n")
     ok = print_tokenize(tokenized) and ok
     if not ok:
         sys.exit(1)

@@ -97,7 +97,8 @@ def test_sentences_fast_path_is_punkt(text):
 def test_sentences_fast_path_is_punkt_on_coco(shared_data_dir):
     texts = []
     for split in ("testall", "dev"):
-        texts += (shared_data_dir / "coco_precomp" / f"{split}_caps.txt").read_text(encoding="utf-8").lower().splitlines()
+        path = shared_data_dir / "coco_precomp" / f"{split}_caps.txt"
+        texts += path.read_text(encoding="utf-8").lower().splitlines()
     texts += [t + " " for t in texts[:1000]] + [t.replace(" .", ".") for t in texts[:1000]]
     punkt = sentence_tokenizer()
     assert [sentences(t) for t in texts] == [punkt.tokenize(t) for t in texts]
@@ -111,7 +112,8 @@ def _golden_tokens(shared_data_dir, shared_reference_dir, split):
 
 
 def _differences(captions, golden):
-    return [(caption, expected) for caption, expected in zip(captions, golden) if " ".join(tokenize(caption)) != expected]
+    return [(caption, expected) for caption, expected in zip(captions, golden)
+            if " ".join(tokenize(caption)) != expected]
 
 
 def test_tokenize_matches_golden_tokens_where_punkt_decides(shared_data_dir, shared_reference_dir):
