@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import optimizer_states_equal, single_thread, states_equal, write_scan_dataset  # noqa: F401
+from conftest import optimizer_states_equal, states_equal, write_scan_dataset
 from vsl.checkpoint import read_checkpoint
 from vsl.cli import build_parser, main, train_config
 from vsl.config import FAST_START, Config, preset
@@ -24,6 +24,9 @@ from vsl.errors import ConfigError
 from vsl.logs import read_metrics
 from vsl.train.plateau import LEFT_FRACTION, PlateauDetector, collapsed_triplet, left_plateau
 from vsl.train.trainer import hardest_negatives, learning_rate
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_flags(data: dict, out: Path, *extra: str) -> list:
