@@ -33,6 +33,7 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import metrics
 from .. import distributed as vdist
@@ -299,7 +300,6 @@ class Trainer:
         """Warn and log once per plateau; True when ``stop_on_plateau`` says to stop now."""
         cfg = self.config
         if self.plateau.announce() and self.is_main:
-            from tqdm.auto import tqdm
             tqdm.write(plateau.warning(cfg.plateau_std), file=sys.stderr)
             self.logger.log(plateau.step, "plateau", epoch=epoch, since=plateau.since, score_std=plateau.score_std,
                             triplet=plateau.triplet, collapsed=plateau.collapsed)
