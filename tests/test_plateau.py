@@ -207,3 +207,37 @@ def test_runs_that_learn_are_never_flagged(small_data, tmp_path, capsys, recipe)
     train = train_events(out / "log")
     assert train[-1]["step"] == int(dict(zip(recipe, recipe[1:])).get("--num_epochs", 3)) * 19  # ran to the end
     assert min(e["score_std"] for e in train[len(train) // 2:]) > 100 * 1e-4      # the scores spread out
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/bench_plateau.py
+# ------------------------------------------------------------------------------------------------
+def test_benchmark_exit_step_uses_the_collapsed_value_of_each_phase():
+    from conftest import load_benchmark
+    bench = load_benchmark("bench_plateau")
+    # 100 captions, batch 64: 2 batches per epoch, the second holds 36. One warm-up epoch (sum).
+    flat_sum, flat_hard_last = collapsed_triplet(64, 0.2, False), collapsed_triplet(36, 0.2, True)
+    events = [{"split": "train", "step": 1, "epoch": 0, "triplet": 0.95 * flat_sum},
+              {"split": "val", "step": 2, "epoch": 1, "rsum": 10.0},
+              {"split": "train", "step": 2, "epoch": 0, "triplet": 0.95 * collapsed_triplet(36, 0.2, False)},
+              {"split": "train", "step": 4, "epoch": 1, "triplet": 0.89 * flat_hard_last}]
+    assert bench.plateau_exit(events, 100, 64, 0.2, negatives_warmup=1) == 4
+    assert bench.plateau_exit(events[:3], 100, 64, 0.2, negatives_warmup=1) is None
+    # Half the sum's collapsed value has left the plateau while summing, not when judged against the
+    # hardest negative's 2 * B * margin (no warm-up).
+    events[0]["triplet"] = 0.5 * flat_sum
+    assert bench.plateau_exit(events, 100, 64, 0.2, negatives_warmup=1) == 1
+    assert bench.plateau_exit(events, 100, 64, 0.2, negatives_warmup=0) == 4
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_prints_its_table(tmp_path, capsys):
+    from conftest import load_benchmark
+    bench = load_benchmark("bench_plateau")
+    assert bench.main(["--datasets", "demo", "--images", "20", "--dev_images", "5", "--epochs", "1",
+                       "--jobs", "1", "--workdir", str(tmp_path), "--json", str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| demo | paper |" in out and "| demo | fast |" in out
+    import json
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["iterations"] == 2 for r in rows)
