@@ -16,12 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..config import FAST_START
+
 #: Relative distance of the triplet loss from its collapsed value that still counts as collapsed.
 TOLERANCE = 0.01
 #: A run has left the plateau when its triplet loss is below this fraction of the collapsed value.
 LEFT_FRACTION = 0.9
 #: The flags that leave the plateau, named by the warning.
-REMEDY = "--fast_start (or --negatives_warmup_epochs 1 with a higher --learning_rate and --warmup_iters)"
+REMEDY = "--fast_start (" + " ".join(f"--{k} {v:g}" for k, v in FAST_START.items()) + ")"
 
 
 def collapsed_triplet(batch_size: int, margin: float, hardest: bool) -> float:
