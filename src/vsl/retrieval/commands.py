@@ -15,6 +15,7 @@ from typing import List
 
 from ..config import INDEX_DTYPES, INDEX_TYPES, SHORTLIST_LOSSES, Config
 from ..errors import ConfigError, DataError
+from .index import BLOCK_IMAGES
 
 _DEFAULTS = Config.__dataclass_fields__
 
@@ -110,6 +111,8 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index_type", choices=INDEX_TYPES, default="flat",
                         help="FAISS index: flat = exact inner product; hnsw / ivf = approximate, for large galleries")
     parser.add_argument("--batch_size", type=int, default=128, help="images/captions per encoding batch")
+    parser.add_argument("--block_images", type=int, default=BLOCK_IMAGES,
+                        help="images per resumable block (and per torchrun share unit)")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -123,7 +126,7 @@ def run_index(args: argparse.Namespace) -> int:
         out = build_index(args.checkpoint, args.data_path, args.split, args.out, data_name=args.data_name,
                           vocab_path=args.vocab_path, features=args.features, dtype=args.dtype,
                           index_type=args.index_type, batch_size=args.batch_size, device=args.device,
-                          progress=not args.quiet, distributed=info)
+                          progress=not args.quiet, distributed=info, block_images=args.block_images)
     finally:
         if info is not None:
             cleanup()
