@@ -165,6 +165,7 @@ def test_fit_shortlist_cli_reports_recall_and_writes_the_checkpoint(published, d
     assert read_checkpoint(out)["config"].shortlist_dim == 8
 
 
+@pytest.mark.slow
 def test_joint_training_adds_the_head_loss_and_saves_the_head(data, tmp_path):
     from vsl.logs import read_metrics
 
