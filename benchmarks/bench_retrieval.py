@@ -3,6 +3,8 @@
     # 1. a split: exhaustive `vsl eval` end to end vs `vsl eval --shortlist K` for each K
     python benchmarks/bench_retrieval.py eval --checkpoint CK --data_path DATA --vocab_path VOCAB \
         [--ks 10,50,100,200] [--exhaustive run|estimate] [--plot docs/retrieval_recall_vs_k.png] [--json OUT]
+    # 1b. the same accuracy comparison on random queries (splits too large to score exhaustively here)
+    python benchmarks/bench_retrieval.py sampled --checkpoint CK --data_path DATA --vocab_path VOCAB [--k 100]
     # 2. shortlist recall at K = 10/50/100/200 of several checkpoints (fit-shortlist vs joint training)
     python benchmarks/bench_retrieval.py recall --checkpoint CK1 --checkpoint CK2 --data_path DATA --vocab_path VOCAB
     # 3. text-query latency and memory against a large pure image gallery
@@ -30,7 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -153,6 +154,61 @@ def plot(out: dict, ks, path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# sampled: accuracy on a random sample of queries when the exhaustive run is too slow
+# --------------------------------------------------------------------------------------------
+def run_sampled(args) -> None:
+    """Exhaustive and two-stage R@1/5/10 on the same random queries, from one exhaustive row per query.
+
+    For each sampled query all of its gallery pairs are scored exactly (``--sample_images`` image
+    rows, ``--sample_captions`` caption columns); its two-stage ranking uses the same exact scores
+    for its top K by shortlist cosine and the cosine below them, which is what ``evaluate_shortlist``
+    computes (its exact scores equal these to float rounding).
+    """
+    from vsl.data import PrecompDataset
+    from vsl.evaluation import encode_split, load_for_eval
+
+    loaded = load_for_eval(args.checkpoint, torch.device("cpu"), args.vocab_path)
+    ds = PrecompDataset(args.data_path, loaded.config.data_name, args.split, loaded.vocab)
+    cpi, n, m = ds.captions_per_image, ds.num_images, len(ds.captions)
+    emb = encode_split(loaded.model, ds.images[:n], [loaded.vocab.encode(c) for c in ds.captions], progress=False)
+    model, k = loaded.model, args.k
+    rng = np.random.default_rng(0)
+    images = np.sort(rng.choice(n, args.sample_images, replace=False))
+    captions = np.sort(rng.choice(m, args.sample_captions, replace=False))
+    with torch.inference_mode():
+        iv = model.shortlist.images(emb.images)
+        cv = model.shortlist.captions(emb.captions, emb.lengths)
+        t0 = time.perf_counter()
+        rows = model.similarity(emb.images[images], emb.captions, emb.lengths)            # (a, m)
+        cols = model.similarity(emb.images, emb.captions[captions], emb.lengths[captions])  # (n, b)
+        seconds = time.perf_counter() - t0
+        cos_rows, cos_cols = iv[images] @ cv.t(), iv @ cv[captions].t()
+
+    def ranks_i2t(sims):             # best rank of an own caption, per sampled image
+        order = torch.argsort(sims, dim=1, descending=True)
+        own = (order // cpi) == torch.from_numpy(images).unsqueeze(1)
+        return own.float().argmax(dim=1)
+
+    def ranks_t2i(sims):             # rank of the own image, per sampled caption (sims: (n, b))
+        order = torch.argsort(sims.t(), dim=1, descending=True)
+        return (order == torch.from_numpy(captions // cpi).unsqueeze(1)).float().argmax(dim=1)
+
+    def two_stage(exact, cos, dim):
+        top = torch.topk(cos, k, dim=dim).indices
+        out = cos - 3.0
+        return out.scatter_(dim, top, exact.gather(dim, top) + 3.0)
+
+    rows_out = []
+    for name, ex, ts in (("i2t", ranks_i2t(rows), ranks_i2t(two_stage(rows, cos_rows, 1))),
+                         ("t2i", ranks_t2i(cols), ranks_t2i(two_stage(cols, cos_cols, 0)))):
+        for label, r in (("exhaustive", ex), (f"shortlist K={k}", ts)):
+            rows_out.append([name, label, len(r), *[100.0 * float((r < x).float().mean()) for x in (1, 5, 10)]])
+    print(f"\n{n:,} images x {m:,} captions; {args.sample_images} image queries x {m:,} captions and "
+          f"{args.sample_captions} caption queries x {n:,} images scored exactly in {seconds:.0f} s:\n")
+    print(markdown_table(["direction", "method", "queries", "R@1", "R@5", "R@10"], rows_out))
+
+
+# --------------------------------------------------------------------------------------------
 # recall
 # --------------------------------------------------------------------------------------------
 def run_recall(args) -> None:
@@ -242,6 +298,14 @@ def main() -> None:
     p.add_argument("--no_repeat", action="store_true", help="time K = 100 once only (large splits)")
     p.add_argument("--plot", default=None)
     p.add_argument("--json", default=None)
+    p = sub.add_parser("sampled")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data_path", required=True)
+    p.add_argument("--vocab_path", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--sample_images", type=int, default=100)
+    p.add_argument("--sample_captions", type=int, default=500)
     p = sub.add_parser("recall")
     p.add_argument("--checkpoint", action="append", required=True)
     p.add_argument("--data_path", required=True)
@@ -266,7 +330,7 @@ def main() -> None:
         q.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"eval": run_eval, "recall": run_recall, "latency": run_latency,
+    {"eval": run_eval, "sampled": run_sampled, "recall": run_recall, "latency": run_latency,
      "latency-worker": run_latency_worker}[args.what](args)
 
 

@@ -21,6 +21,7 @@ from vsl.evaluation import evaluate
 from vsl.models.shortlist import ShortlistHead, masked_mean, shortlist_loss
 from vsl.retrieval import Index, build_index, evaluate_shortlist, fit_shortlist, shortlist_ranks
 from vsl.retrieval import index as index_mod
+from vsl.retrieval.gallery import Gallery
 
 TEST_IMAGES = 24
 
@@ -255,7 +256,7 @@ def test_queries_file_is_batched_and_unknown_words_warn(index_dir, tmp_path, cap
 
 def test_interrupted_build_resumes_at_the_block_where_it_stopped(fitted, data, tmp_path, monkeypatch, index_dir):
     calls = {"n": 0}
-    original = index_mod.Gallery.read
+    original = Gallery.read
 
     def failing_read(self, start, stop):
         calls["n"] += 1
@@ -263,7 +264,7 @@ def test_interrupted_build_resumes_at_the_block_where_it_stopped(fitted, data, t
             raise KeyboardInterrupt
         return original(self, start, stop)
 
-    monkeypatch.setattr(index_mod.Gallery, "read", failing_read)
+    monkeypatch.setattr(Gallery, "read", failing_read)
     out = tmp_path / "idx"
     with pytest.raises(KeyboardInterrupt):
         build_index(fitted[0], data["data_path"], "test", out, vocab_path=data["vocab_path"], device="cpu",
@@ -274,7 +275,7 @@ def test_interrupted_build_resumes_at_the_block_where_it_stopped(fitted, data, t
     done = json.loads((out / "progress-images-r0.json").read_text())["blocks"]
     assert done == [0, 1]
     read = []
-    monkeypatch.setattr(index_mod.Gallery, "read", lambda self, a, b: read.append(a) or original(self, a, b))
+    monkeypatch.setattr(Gallery, "read", lambda self, a, b: read.append(a) or original(self, a, b))
     build_index(fitted[0], data["data_path"], "test", out, vocab_path=data["vocab_path"], device="cpu",
                 progress=False, batch_size=5, block_images=5)
     assert min(read) == 10                                        # blocks 0 and 1 were not encoded again

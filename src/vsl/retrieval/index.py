@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..config import INDEX_DTYPES, INDEX_TYPES
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fileio import atomic_write, atomic_write_text, check_writable
 from ..logs import progress_bar
-from .gallery import Gallery, feature_gallery, split_gallery
+from .gallery import feature_gallery, split_gallery
 
 PathLike = Union[str, os.PathLike]
 INDEX_FORMAT = "vsl-index-1"
