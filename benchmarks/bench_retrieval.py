@@ -4,7 +4,7 @@
     python benchmarks/bench_retrieval.py eval --checkpoint CK --data_path DATA --vocab_path VOCAB \
         [--ks 10,50,100,200] [--exhaustive run|estimate] [--plot docs/retrieval_recall_vs_k.png] [--json OUT]
     # 1b. the same accuracy comparison on random queries (splits too large to score exhaustively here)
-    python benchmarks/bench_retrieval.py sampled --checkpoint CK --data_path DATA --vocab_path VOCAB [--k 100]
+    python benchmarks/bench_retrieval.py sampled --checkpoint CK --data_path DATA --vocab_path VOCAB [--ks 100,200]
     # 2. shortlist recall at K = 10/50/100/200 of several checkpoints (fit-shortlist vs joint training)
     python benchmarks/bench_retrieval.py recall --checkpoint CK1 --checkpoint CK2 --data_path DATA --vocab_path VOCAB
     # 3. text-query latency and memory against a large pure image gallery
@@ -171,7 +171,7 @@ def run_sampled(args) -> None:
     ds = PrecompDataset(args.data_path, loaded.config.data_name, args.split, loaded.vocab)
     cpi, n, m = ds.captions_per_image, ds.num_images, len(ds.captions)
     emb = encode_split(loaded.model, ds.images[:n], [loaded.vocab.encode(c) for c in ds.captions], progress=False)
-    model, k = loaded.model, args.k
+    model = loaded.model
     rng = np.random.default_rng(0)
     images = np.sort(rng.choice(n, args.sample_images, replace=False))
     captions = np.sort(rng.choice(m, args.sample_captions, replace=False))
@@ -193,15 +193,17 @@ def run_sampled(args) -> None:
         order = torch.argsort(sims.t(), dim=1, descending=True)
         return (order == torch.from_numpy(captions // cpi).unsqueeze(1)).float().argmax(dim=1)
 
-    def two_stage(exact, cos, dim):
+    def two_stage(exact, cos, dim, k):
         top = torch.topk(cos, k, dim=dim).indices
         out = cos - 3.0
         return out.scatter_(dim, top, exact.gather(dim, top) + 3.0)
 
     rows_out = []
-    for name, ex, ts in (("i2t", ranks_i2t(rows), ranks_i2t(two_stage(rows, cos_rows, 1))),
-                         ("t2i", ranks_t2i(cols), ranks_t2i(two_stage(cols, cos_cols, 0)))):
-        for label, r in (("exhaustive", ex), (f"shortlist K={k}", ts)):
+    ks = [int(x) for x in args.ks.split(",")]
+    for name, ranks, exact, cos, dim in (("i2t", ranks_i2t, rows, cos_rows, 1), ("t2i", ranks_t2i, cols, cos_cols, 0)):
+        results = [("exhaustive", ranks(exact))]
+        results += [(f"shortlist K={k}", ranks(two_stage(exact, cos, dim, k))) for k in ks]
+        for label, r in results:
             rows_out.append([name, label, len(r), *[100.0 * float((r < x).float().mean()) for x in (1, 5, 10)]])
     print(f"\n{n:,} images x {m:,} captions; {args.sample_images} image queries x {m:,} captions and "
           f"{args.sample_captions} caption queries x {n:,} images scored exactly in {seconds:.0f} s:\n")
@@ -303,7 +305,7 @@ def main() -> None:
     p.add_argument("--data_path", required=True)
     p.add_argument("--vocab_path", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--ks", default="100")
     p.add_argument("--sample_images", type=int, default=100)
     p.add_argument("--sample_captions", type=int, default=500)
     p = sub.add_parser("recall")
