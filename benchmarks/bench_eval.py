@@ -11,7 +11,7 @@ randomly initialised checkpoint are written to a temporary folder; then
   vocabulary loading, tokenization, encoding, batched scoring, metrics), median of ``--repeats``;
 * published: the published evaluation's ``shard_attn_scores`` (shard_size 100): the matrix in
   100-image x 100-caption shards, each scored by the one-caption-at-a-time loop
-  (``SimilarityEncoder.forward_per_caption`` on the shard's 100 images). ``--loop_shards`` shards
+  (``vsl.models.reference.published_similarity`` on the shard's 100 images). ``--loop_shards`` shards
   (spread over the matrix) are timed and extrapolated linearly to all shards (every shard does the
   same work for captions of the same lengths). Encoding is not counted for it, which favours it.
   As published, the embeddings stay on the host and each shard is copied to the device and its
@@ -38,8 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 if importlib.util.find_spec("vsl") is None:      # running from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import coco_like_lengths, flops_per_pair_batched, markdown_table, matmul_gflops, time_it  # noqa: E402
+from common import coco_like_lengths, flops_per_pair, markdown_table, matmul_rate, time_it  # noqa: E402
 
+from vsl.models.reference import published_similarity
 from vsl.checkpoint import save_checkpoint  # noqa: E402
 from vsl.config import Config  # noqa: E402
 from vsl.evaluation import encode_split, evaluate, score  # noqa: E402
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
             out = []
             for i, j in picks:
                 sub = host.subset(slice(i * shard, (i + 1) * shard), slice(j * shard, (j + 1) * shard))
-                out.append(model.sim_enc.forward_per_caption(sub.images.to(device), sub.captions.to(device),
+                out.append(published_similarity(model.sim_enc, sub.images.to(device), sub.captions.to(device),
                                                              sub.lengths).cpu())
             return out
 
@@ -137,8 +138,9 @@ def main(argv=None) -> int:
                       f"published {times[(t, 'published')][-1]:.1f} s (extrapolated)", flush=True)
 
     mean_len = float(coco_like_lengths(m).float().mean())
-    flops = flops_per_pair_batched(args.module_name, mean_len, args.embed_size, args.sim_dim) * n * m
-    rate = matmul_gflops(device)
+    sizes = Config(module_name=args.module_name, embed_size=args.embed_size, sim_dim=args.sim_dim)
+    flops = flops_per_pair(sizes, mean_len, published=False) * n * m
+    rate = matmul_rate(device, "fp32", 2048) / 1e9
     best_pub = min(statistics.median(times[(t, "published")]) for t in threads)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"\n{args.module_name} on {args.device} ({where}, torch {torch.__version__}), embed {args.embed_size}, sim {args.sim_dim}, img_dim {args.img_dim}: {n:,} images x "

@@ -6,13 +6,13 @@ rate is extrapolated from the pairs it finished, marked "partial" in the table):
 
 1. **matrix-product rate** of the device: a square ``--matmul-size`` product in exact float32 (TF32
    off), in TF32 and in bfloat16.
-2. **per-caption loop** (the published evaluation): ``sim_enc.forward_per_caption`` over image and
+2. **per-caption loop** (the published evaluation): ``vsl.models.reference.published_similarity`` over image and
    caption shards of ``--loop-shard`` (published ``shard_size`` = 100) on a ``--loop-images`` x
    ``--loop-captions`` block, float32. The loop may stop before the block is done (at
    ``--loop-seconds``); its pairs/s then comes from the shards it finished. The batched scorer is
    timed on the same block and the largest score difference on the finished shards is reported.
 3. **COCO-5K-sized scoring**, end to end: random region features ``(images, 36, 2048)`` and word
-   ids with COCO-like lengths (:func:`coco_caption_lengths`) are encoded by the model at published
+   ids with COCO-like lengths (:func:`common.coco_like_lengths`) are encoded by the model at published
    sizes, all ``images x captions`` pairs are scored in chunks, and the float32 score matrix is copied
    to the host; for SGR and SAF, in each ``--precisions`` mode. Reduced modes report the max
    absolute score difference against fp32 (same weights, same inputs).
@@ -25,7 +25,7 @@ Before the COCO-5K scoring, on CUDA, one scoring call forced into many chunks ru
 ``torch.cuda.set_sync_debug_mode("warn")`` and the host synchronisations are counted: a fixed small
 number, not one per chunk, shows the scoring loop never waits for the device.
 
-"% of matmul rate" = pairs/s x :func:`flops_per_pair` (the published loop's arithmetic) divided by
+"% of matmul rate" = pairs/s x :func:`common.flops_per_pair` (the published loop's arithmetic) divided by
 the device's matrix-product rate in the same mode (fp32 rows against the exact fp32 rate, tf32
 against TF32, bf16 against bf16). For SGR the batched scorer does about 40 % fewer FLOP per pair
 than the published loop (folded query/key, last reasoning step on node 0 only), so this is the
@@ -54,7 +54,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -67,11 +66,16 @@ if importlib.util.find_spec("vsl") is None:      # running from a checkout that 
 
 from tqdm import tqdm
 
+from vsl.models.reference import published_similarity
 from vsl.config import PRECISIONS, Config
 from vsl.losses import VSLObjective
 from vsl.models import VSLModel, build_model
 from vsl.precision import precision_context
+from vsl.fileio import atomic_write_text
 from vsl.models.similarity import default_chunk_elements
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import coco_like_lengths, flops_per_pair, matmul_rate, sync  # noqa: E402
 
 #: Full-size (published) and smoke-test settings; command-line values override either.
 FULL = dict(images=5000, captions=25000, loop_images=1000, loop_captions=1000, loop_shard=100,
@@ -92,52 +96,6 @@ class OutOfTime(Exception):
 # ------------------------------------------------------------------------------------------------
 # Problem sizes
 # ------------------------------------------------------------------------------------------------
-def coco_caption_lengths(count: int, generator: torch.Generator) -> torch.Tensor:
-    """COCO-like caption lengths ``(count,)`` int64 (words incl. ``<start>``/``<end>``), on the CPU.
-
-    ``8 + Poisson(5)`` clipped to ``[6, 50]``: mean 13.0, sd 2.2. The 25,000 MS-COCO test captions
-    measure mean 13.3, sd 2.6, range 8-52 (simple word/punctuation split plus the two markers);
-    the Poisson has a lighter right tail, which matters little because the scorer pads each chunk
-    only to its own longest caption.
-    """
-    rates = torch.full((count,), 5.0)
-    return (8 + torch.poisson(rates, generator=generator)).long().clamp_(6, 50)
-
-
-def flops_per_pair(config: Config, mean_len: float, published: bool = True) -> float:
-    """Floating-point operations (2 per multiply-add) to score one image-caption pair.
-
-    Counts the products whose cost grows with ``images x captions`` (per-image and per-caption work,
-    the encoders and self-attention pooling, is amortised and left out). ``L = mean_len`` words,
-    ``R`` regions, ``d`` embed size, ``s`` sim dim, ``N = L + 1`` alignment nodes:
-
-    * text-to-image attention: logits ``R L d`` + attended context ``R L d``;
-    * local alignments ``W_loc``: ``L d s``; global alignment ``W_glo``: ``d s``;
-    * SGR, published (``published=True``), per step: query, key and update projections ``3 N s^2``,
-      edges ``N^2 s`` and their product with the nodes ``N^2 s``;
-      batched (``published=False``): query and key folded into one ``s x s`` projection
-      (``2 N s^2 + 2 N^2 s``) for all but the last step, which computes node 0 only
-      (``2 s^2 + 2 N s``);
-    * SAF: gate ``N s`` + pooling ``N s``;
-    * final score ``s``.
-
-    Published sizes (R=36, d=1024, s=256, 3 SGR steps) with L = 13: SGR about 26 MFLOP
-    (published) / 16 MFLOP (batched); SAF about 9.4 MFLOP either way.
-    """
-    L, R, d, s = float(mean_len), config.num_regions, config.embed_size, config.sim_dim
-    N = L + 1
-    macs = 2 * R * L * d + L * d * s + d * s + s
-    if config.module_name == "SGR":
-        steps = config.sgr_step
-        if published:
-            macs += steps * (3 * N * s * s + 2 * N * N * s)
-        else:
-            macs += (steps - 1) * (2 * N * s * s + 2 * N * N * s) + (2 * s * s + 2 * N * s)
-    else:
-        macs += 2 * N * s
-    return 2.0 * macs
-
-
 def model_config(module_name: str, quick: bool) -> Config:
     """Published sizes (or the tiny quick sizes) with VSL on, as the paper trains."""
     return Config(module_name=module_name, vsl_weight=10.0, **(QUICK_MODEL if quick else {}))
@@ -146,11 +104,6 @@ def model_config(module_name: str, quick: bool) -> Config:
 # ------------------------------------------------------------------------------------------------
 # Timing helpers
 # ------------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free_device_memory(device: torch.device) -> None:
     gc.collect()                                  # drop reference cycles that still hold device tensors
     if device.type == "cuda":
@@ -178,36 +131,12 @@ class Budget:
         return time.perf_counter() + share
 
 
-def matmul_rate(device: torch.device, precision: str, size: int, min_seconds: float = 0.5) -> float:
-    """FLOP/s of a ``size x size`` matrix product in ``precision`` (bf16: bfloat16 inputs)."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(size, size, device=device, generator=gen).to(dtype)
-    b = torch.randn(size, size, device=device, generator=gen).to(dtype)
-    with precision_context("tf32" if precision == "tf32" else "fp32", device):
-        a @ b                                                   # warm-up (cuBLAS handle, heuristics)
-        sync(device)
-        reps, seconds = 1, 0.0
-        while True:
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ b
-            sync(device)
-            seconds = time.perf_counter() - t0
-            if seconds >= min_seconds or reps >= 1 << 12:
-                break
-            reps *= 2
-    return 2.0 * size ** 3 * reps / seconds
-
-
 # ------------------------------------------------------------------------------------------------
 # Inputs
 # ------------------------------------------------------------------------------------------------
 def random_inputs(config: Config, n_images: int, n_captions: int, device: torch.device, seed: int):
     """Region features ``(n, R, img_dim)``, word ids ``(m, L)``, lengths ``(m,)`` (CPU) like COCO's."""
-    cpu_gen = torch.Generator().manual_seed(seed)
-    lengths = coco_caption_lengths(n_captions, cpu_gen)
+    lengths = coco_like_lengths(n_captions, seed=seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     # Bottom-up-attention features are post-ReLU, hence non-negative.
     images = torch.randn(n_images, config.num_regions, config.img_dim, device=device, generator=gen).relu_()
@@ -314,7 +243,7 @@ def loop_baseline(model: VSLModel, images, captions, lengths, shard: int, deadli
     with torch.inference_mode(), precision_context("fp32", device):
         img_emb = model.encode_images(images)
         cap_emb = model.encode_captions(captions, lengths)
-        model.sim_enc.forward_per_caption(img_emb[:shard], cap_emb[:2], lengths[:2])    # warm-up
+        published_similarity(model.sim_enc, img_emb[:shard], cap_emb[:2], lengths[:2])    # warm-up
         sync(device)
         loop_blocks: List[Tuple[int, int, torch.Tensor]] = []
         t0 = time.perf_counter()
@@ -322,7 +251,7 @@ def loop_baseline(model: VSLModel, images, captions, lengths, shard: int, deadli
         for i0 in range(0, n, shard):
             for j0 in range(0, m, shard):
                 # lengths stay on the host, as the published code's Python list of lengths.
-                out = model.sim_enc.forward_per_caption(img_emb[i0:i0 + shard], cap_emb[j0:j0 + shard],
+                out = published_similarity(model.sim_enc, img_emb[i0:i0 + shard], cap_emb[j0:j0 + shard],
                                                         lengths[j0:j0 + shard])
                 loop_blocks.append((i0, j0, out))
                 if time.perf_counter() > deadline:
@@ -364,7 +293,7 @@ def train_step_rate(config: Config, device: torch.device, precision: str, per_ca
             img_emb = model.encode_images(images)
             cap_emb = model.encode_captions(captions, lengths)
             if per_caption:
-                scores = model.sim_enc.forward_per_caption(img_emb, cap_emb, lengths)
+                scores = published_similarity(model.sim_enc, img_emb, cap_emb, lengths)
             else:
                 scores = model.similarity(img_emb, cap_emb, lengths_dev)
         # The losses compare scores at temperature 0.001: always in float32.
@@ -459,19 +388,9 @@ class Report:
         return dict(meta=self.meta, rows=self.rows, summary=self.summary)
 
     def save(self) -> None:
-        """Atomic write: a temp file in the same folder, then ``os.replace``."""
-        if self.json_path is None:
-            return
-        self.json_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.json_path.parent, prefix=".bench_gpu.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-            os.replace(tmp, self.json_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write the JSON report atomically (readers never see half a file)."""
+        if self.json_path is not None:
+            atomic_write_text(self.json_path, json.dumps(self.to_json(), indent=1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -689,7 +608,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget = Budget(args.time_budget)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor()
                                                                                   or platform.machine())
-    lengths_probe = coco_caption_lengths(args.captions, torch.Generator().manual_seed(args.seed))
+    lengths_probe = coco_like_lengths(args.captions, seed=args.seed)
     mean_len = float(lengths_probe.float().mean())
     configs = {name: model_config(name, args.quick) for name in args.modules}
     meta = dict(device=str(device), device_name=device_name, torch=torch.__version__,

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (coco_like_lengths, flops_per_pair_batched, flops_per_pair_published,  # noqa: E402
-                    markdown_table, matmul_gflops, time_it)
+from common import coco_like_lengths, flops_per_pair, markdown_table, matmul_rate, time_it  # noqa: E402
 
+from vsl.models.reference import published_similarity
 from vsl.config import Config  # noqa: E402
 from vsl.models import build_model  # noqa: E402
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     img_emb = torch.nn.functional.normalize(torch.randn(args.images, 36, d), dim=-1)
     cap_emb = torch.nn.functional.normalize(torch.randn(args.captions, int(lengths.max()), d), dim=-1)
     cap_emb = cap_emb * (torch.arange(cap_emb.size(1)) < lengths[:, None]).unsqueeze(-1)
-    rate = matmul_gflops(device)
+    rate = matmul_rate(device, "fp32", 2048) / 1e9
     rows = []
     pairs = args.images * args.captions
     for module in ("SGR", "SAF"):
@@ -49,13 +49,13 @@ def main(argv=None) -> int:
         sim = build_model(cfg).sim_enc.eval()
         with torch.inference_mode():
             batched = sim(img_emb, cap_emb, lengths)
-            loop = sim.forward_per_caption(img_emb, cap_emb, lengths)
+            loop = published_similarity(sim, img_emb, cap_emb, lengths)
             diff = float((batched - loop).abs().max())
             t_batched = statistics.median(time_it(lambda: sim(img_emb, cap_emb, lengths), args.repeats))
-            t_loop = statistics.median(time_it(lambda: sim.forward_per_caption(img_emb, cap_emb, lengths),
+            t_loop = statistics.median(time_it(lambda: published_similarity(sim, img_emb, cap_emb, lengths),
                                                args.repeats))
-        f_pub = flops_per_pair_published(module, mean_len, d, s)
-        f_bat = flops_per_pair_batched(module, mean_len, d, s)
+        f_pub = flops_per_pair(cfg, mean_len)
+        f_bat = flops_per_pair(cfg, mean_len, published=False)
         rows.append([module, "per-caption loop", pairs / t_loop, 1.0, f_pub * pairs / t_loop / 1e9,
                      f_pub * pairs / t_loop / 1e9 / rate, "-"])
         rows.append([module, "batched", pairs / t_batched, t_loop / t_batched, f_bat * pairs / t_batched / 1e9,

@@ -101,6 +101,7 @@ def test_make_demo_data_subcommand(tmp_path, capsys):
     assert "--data_path" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_console_script(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run([sys.executable, "-m", "vsl", "--help"], capture_output=True, text=True, env=env,

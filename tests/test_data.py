@@ -6,11 +6,21 @@ import pytest
 import torch
 
 from vsl.config import Config
-from vsl.data import (Batch, Collate, EpochSampler, PrecompDataset, check_fits, default_max_captions,
-                      make_loader, open_features, read_captions, split_files)
-from vsl.errors import ConfigError, DataError, FitError, VSLError
+from vsl.data import (
+    Batch,
+    Collate,
+    EpochSampler,
+    PrecompDataset,
+    check_fits,
+    default_max_captions,
+    make_loader,
+    open_features,
+    read_captions,
+    split_files,
+)
 from vsl.data.semantics import build_semantics
 from vsl.data.vocab import Vocabulary
+from vsl.errors import ConfigError, DataError, FitError, VSLError
 
 WORDS = "a man woman dog cat riding sitting on the bench surfboard wave red blue".split()
 
@@ -311,28 +321,3 @@ def test_checkpoint_must_fit_vocabulary_and_features(toy):
     with pytest.raises(FitError) as info:
         check_fits(good.replace(num_regions=36), toy.dataset, toy.vocab, source=source)
     assert_one_line(info, source, "num_regions 36", f" {toy.dataset.num_regions} ")
-
-
-def test_benchmark_code_paths_on_a_tiny_split(shared_data_dir, tmp_path, monkeypatch):
-    """The two benchmarks' measurement functions, in process and at toy size (the real runs take minutes)."""
-    import sys
-    from pathlib import Path
-
-    monkeypatch.setenv("VSL_DATA_DIR", str(shared_data_dir))
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_data
-    import bench_semantics
-
-    bench_data.make_split(tmp_path, 40, 3, 16)
-    assert len(read_captions(tmp_path / "coco_precomp" / "train_caps.txt")) == 200
-    for mode in ("vsl", "tfidf", "memmap"):
-        result = bench_data.measure(mode, tmp_path, batches=2, batch_size=16, seed=0)
-        assert result["batches"] == 2 and result["peak_rss_mb"] > 0
-    bench_semantics.write_corpus(tmp_path / "corpus.txt", 30500)
-    lines = read_captions(tmp_path / "corpus.txt")
-    assert len(lines) == 30500 and lines[:30000] == bench_semantics.source_captions()
-    assert [len(line.split()) for line in lines[30000:]] == [len(line.split()) for line in lines[:500]]
-    for mode in ("tfidf", "dense"):
-        result = bench_semantics.measure(mode, tmp_path / "corpus.txt", subset=500, batches=2)
-        assert result["vocabulary"] > 500 and result["batch_ms_median"] > 0
-    del sys.modules["bench_data"], sys.modules["bench_semantics"]

@@ -5,10 +5,10 @@ import re
 import numpy as np
 import pytest
 
+from vsl.data.vocab import Vocabulary, tokenize
 from vsl.demo import data as dd
 from vsl.demo.data import DemoSpec, demo_data_ready, make_demo_data, sample_split
 from vsl.errors import ConfigError, DataError
-from vsl.data.vocab import Vocabulary, tokenize
 
 SPEC = DemoSpec(seed=3, train_images=800, dev_images=40, test_images=200, img_dim=48)
 TINY = DemoSpec(seed=5, train_images=30, dev_images=10, test_images=20, img_dim=16)
@@ -22,7 +22,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def splits():
-    return {s: sample_split(SPEC, s) for s in dd.SPLITS}
+    return {s: sample_split(SPEC, s) for s in dd.DEMO_SPLITS}
 
 
 def _files(out):
@@ -35,7 +35,7 @@ def test_layout_shapes_and_dtypes(demo):
     assert info["data_name"] == "demo_precomp" and info["img_dim"] == 48 and info["num_regions"] == 36
     folder = out / "data" / "demo_precomp"
     assert info["data_path"] == str(out / "data") and info["vocab_path"] == str(out / "vocab")
-    for split in dd.SPLITS:
+    for split in dd.DEMO_SPLITS:
         ims = np.load(folder / f"{split}_ims.npy")
         assert ims.shape == (SPEC.images(split), 36, 48) and ims.dtype == np.float32
         assert np.isfinite(ims).all() and (ims >= 0).all() and ims.std() > 0.1
@@ -50,13 +50,13 @@ def test_vocab_file_is_published_format_and_covers_every_token(demo):
     assert set(raw) == {"word2idx", "idx2word", "idx"} and raw["idx"] == info["vocab_size"]
     assert [raw["idx2word"][str(i)] for i in range(4)] == ["<pad>", "<start>", "<end>", "<unk>"]
     vocab = Vocabulary.from_json(out / "vocab" / "demo_precomp_vocab.json")
-    for split in dd.SPLITS:
+    for split in dd.DEMO_SPLITS:
         captions = (out / "data" / "demo_precomp" / f"{split}_caps.txt").read_text().splitlines()
         assert all(re.fullmatch(r"[a-z]+( [a-z]+)*( \.)?", c) for c in captions)
         for caption in captions[:1000]:                           # the same grammar in every split
             assert caption.split() == tokenize(caption)           # what the loader's tokenizer sees
             assert 3 not in vocab.encode(caption), caption        # no <unk>
-    used = {t for s in dd.SPLITS for c in sample_split(TINY, s).captions for t in c.split()}
+    used = {t for s in dd.DEMO_SPLITS for c in sample_split(TINY, s).captions for t in c.split()}
     assert used <= set(dd.WORDS)
 
 
@@ -80,7 +80,7 @@ def test_articles_agree_with_the_next_word(splits):
 # --- determinism and caching --------------------------------------------------------------------
 def test_written_files_equal_the_in_memory_split(demo, splits):
     out, _ = demo
-    for split in dd.SPLITS:
+    for split in dd.DEMO_SPLITS:
         folder = out / "data" / "demo_precomp"
         np.testing.assert_array_equal(np.load(folder / f"{split}_ims.npy"), splits[split].images)
         assert (folder / f"{split}_caps.txt").read_text().splitlines() == splits[split].captions

@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from vsl import distributed as vdist
-from vsl.evaluation import image_shard, sharded_similarity
 from vsl.config import Config
 from vsl.errors import ConfigError
+from vsl.evaluation import image_shard, sharded_similarity
 from vsl.losses import VSLObjective
 from vsl.models import build_model
 
@@ -185,6 +185,7 @@ def single_process():
 
 
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["SGR", "SAF"])
 def test_first_step_gradients_equal_single_process(two_ranks, single_process, name):
     ref_grads = single_process[name][0]
@@ -196,12 +197,14 @@ def test_first_step_gradients_equal_single_process(two_ranks, single_process, na
             torch.testing.assert_close(grads[key], ref, atol=1e-5, rtol=0, msg=lambda m: f"{name} {key}: {m}")
 
 
+@pytest.mark.slow
 def test_uneven_local_batches_give_the_global_batch_gradient(two_ranks, single_process):
     for rank in range(WORLD):
         for key, ref in single_process["uneven"].items():
             torch.testing.assert_close(two_ranks[rank]["uneven"][key], ref, atol=1e-5, rtol=0, msg=key)
 
 
+@pytest.mark.slow
 def test_sgr_key_bias_gradient_is_exact_zero(two_ranks, single_process):
     # graph_key_w.bias cancels in the edge softmax: a zero gradient (not None, which DDP would refuse).
     key = "sim_enc.SGR_module.0.graph_key_w.bias"
@@ -209,6 +212,7 @@ def test_sgr_key_bias_gradient_is_exact_zero(two_ranks, single_process):
         assert torch.count_nonzero(grads[key]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["SGR", "SAF"])
 def test_three_step_losses_and_weights_match(two_ranks, single_process, name):
     ref_grads, ref_losses, ref_params, *_ = single_process[name]
@@ -229,6 +233,7 @@ def test_three_step_losses_and_weights_match(two_ranks, single_process, name):
         assert torch.equal(value, two_ranks[1][name][2][key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["SGR", "SAF"])
 def test_batchnorm_running_statistics_are_global(two_ranks, single_process, name):
     # After 3 steps: identical on every rank by construction (no DDP buffer broadcast needed).
@@ -247,6 +252,7 @@ def test_batchnorm_running_statistics_are_global(two_ranks, single_process, name
         assert int(final0["sim_enc.SAF_module.bn.num_batches_tracked"]) == STEPS * BATCH
 
 
+@pytest.mark.slow
 def test_sharded_eval_equals_single_process_exactly(two_ranks, single_process):
     ref = single_process["eval"]
     assert ref.shape == (11, 9)
@@ -256,6 +262,7 @@ def test_sharded_eval_equals_single_process_exactly(two_ranks, single_process):
     torch.testing.assert_close(ref, single_process["eval_plain"], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_all_gather_concat_uneven_sizes(two_ranks):
     expected = torch.tensor([0, 1, 10, 11, 12])
     for rank in range(WORLD):
@@ -335,7 +342,7 @@ def torchrun(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def torchrun_dataset(tmp_path_factory):
-    from test_train import write_scan_dataset
+    from conftest import write_scan_dataset
     return write_scan_dataset(tmp_path_factory.mktemp("scan"), "easy_precomp",
                               {"train": TORCHRUN_TRAIN_IMAGES, "dev": 10, "test": 12})
 
@@ -357,6 +364,7 @@ def torchrun_run(torchrun_dataset, tmp_path_factory):
     return out, done
 
 
+@pytest.mark.slow
 def test_torchrun_train_writes_once_from_rank_0(torchrun_run):
     from vsl.checkpoint import read_checkpoint
     from vsl.logs import read_metrics
@@ -377,6 +385,7 @@ def test_torchrun_train_writes_once_from_rank_0(torchrun_run):
     assert [r["step"] for r in records if r["split"] == "val"] == [TORCHRUN_STEPS, 2 * TORCHRUN_STEPS]
 
 
+@pytest.mark.slow
 def test_torchrun_resume_with_same_world_size_is_exact(torchrun_run, tmp_path):
     from vsl.checkpoint import read_checkpoint
 
@@ -390,6 +399,7 @@ def test_torchrun_resume_with_same_world_size_is_exact(torchrun_run, tmp_path):
     assert resumed["best_rsum"] == expected["best_rsum"]
 
 
+@pytest.mark.slow
 def test_torchrun_eval_equals_single_process_eval_exactly(torchrun_run, torchrun_dataset, tmp_path):
     import json
 

@@ -6,16 +6,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_scan_dataset
 
-from test_train import single_thread, write_scan_dataset  # noqa: F401  (autouse: one intra-op thread)
-from vsl.evaluation import run as evaluate_mod
 from vsl import metrics
 from vsl.checkpoint import load_checkpoint
 from vsl.cli import main
+from vsl.data.vocab import Vocabulary, vocab_file
 from vsl.errors import ConfigError
 from vsl.evaluation import evaluate, pad_token_ids
+from vsl.evaluation import run as evaluate_mod
 from vsl.metrics import fold_slices, mean_over_folds
-from vsl.data.vocab import Vocabulary, vocab_file
+from vsl.models.reference import published_similarity
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 NUM_IMAGES = 12
 
@@ -45,7 +48,7 @@ def reference_scores(checkpoint: str, data: dict) -> torch.Tensor:
         cap_emb = torch.zeros(len(captions), ids.size(1), model.config.embed_size)
         for j, n in enumerate(lengths.tolist()):
             cap_emb[j, :n] = model.encode_captions(ids[j:j + 1, :n], lengths[j:j + 1])[0]
-        return model.sim_enc.forward_per_caption(model.encode_images(images), cap_emb, lengths)
+        return published_similarity(model.sim_enc, model.encode_images(images), cap_emb, lengths)
 
 
 @pytest.mark.parametrize("name", ["SGR", "SAF"])
@@ -186,23 +189,6 @@ def test_unwritable_output_paths_fail_before_scoring(checkpoints, coco_like, tmp
         assert rc == 2 and err.count("\n") == 1 and err.startswith("vsl: error: ") and words in err
     assert not scored
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
-
-
-def test_bench_eval_smoke(capsys):
-    """benchmarks/bench_eval.py runs end to end at tiny sizes and agrees with the published loop."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval.py"
-    spec = importlib.util.spec_from_file_location("bench_eval_smoke", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main(["--images", "20", "--img_dim", "16", "--words", "30", "--loop_shards", "1",
-                       "--repeats", "1", "--threads", "1", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "| torch threads |" in out and "20 images x 100 captions" in out
-    diff = float(out.rsplit("max |score difference| on the timed shards:", 1)[1].split()[0])
-    assert diff < 1e-5
 
 
 def test_non_finite_features_are_a_one_line_error_naming_the_image(checkpoints, tmp_path, capsys):

@@ -8,11 +8,19 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vsl.errors import ConfigError
-from vsl.losses import (TripletLoss, VisualSemanticLoss, VSLObjective, soft_rank, textual_semantic_loss,
-                        triplet_loss, visual_semantic_loss)
+from vsl.losses import (
+    TripletLoss,
+    VisualSemanticLoss,
+    VSLObjective,
+    soft_rank,
+    textual_semantic_loss,
+    triplet_loss,
+    visual_semantic_loss,
+)
 
 TOL = 1e-5
 
@@ -240,6 +248,7 @@ _MEMORY_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_vsl_batch_256_peak_memory_is_bounded():
     # A B^3 float32 tensor at B = 256 is 64 MiB; autograd over the naive formula keeps several
     # (measured ~400 MiB extra; one unchunked B^3 pass ~130 MiB). Chunked: two 4 MiB buffers.

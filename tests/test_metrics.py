@@ -7,7 +7,14 @@ import torch
 
 import vsl.metrics as metrics
 from vsl.errors import ConfigError
-from vsl.metrics import evaluate_protocol, format_table, i2t, recall_at_k, retrieval_metrics, t2i
+from vsl.metrics import (
+    evaluate_protocol,
+    format_table,
+    i2t,
+    recall_at_k,
+    retrieval_metrics,
+    t2i,
+)
 
 
 @pytest.fixture(scope="module")

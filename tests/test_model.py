@@ -6,6 +6,7 @@ import torch
 import vsl
 from vsl.config import Config
 from vsl.models import build_model
+from vsl.models.reference import published_similarity
 
 MODULES = ["SGR", "SAF"]
 
@@ -66,7 +67,8 @@ def _random_model(module_name, seed=0, **kw):
 
 
 @pytest.mark.parametrize("name", MODULES)
-@pytest.mark.parametrize("chunk", [None, 1, 200, 5000])
+@pytest.mark.parametrize("chunk", [None, pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(200, marks=pytest.mark.slow), pytest.param(5000, marks=pytest.mark.slow)])
 def test_batched_equals_per_caption_loop(name, chunk):
     model = _random_model(name, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -79,7 +81,7 @@ def test_batched_equals_per_caption_loop(name, chunk):
     with torch.no_grad():
         img_emb = model.encode_images(images)
         cap_emb = model.encode_captions(captions, lengths)
-        loop = model.sim_enc.forward_per_caption(img_emb, cap_emb, lengths)
+        loop = published_similarity(model.sim_enc, img_emb, cap_emb, lengths)
         batched = model.similarity(img_emb, cap_emb, lengths, chunk_elements=chunk)
     assert batched.shape == (n, m)
     torch.testing.assert_close(batched, loop, atol=1e-6, rtol=0)
@@ -101,7 +103,7 @@ def test_training_mode_saf_matches_per_caption_loop_and_running_stats():
     bn = model.sim_enc.SAF_module.bn
     vbn = model.sim_enc.v_global_w.embedding_local[1]
     start = {k: v.clone() for k, v in model.sim_enc.state_dict().items()}
-    loop = model.sim_enc.forward_per_caption(img_emb, cap_emb, lengths)
+    loop = published_similarity(model.sim_enc, img_emb, cap_emb, lengths)
     # The loop runs the visual BatchNorm once, as the batched path does; compare the SAF stats.
     loop_mean, loop_var = bn.running_mean.clone(), bn.running_var.clone()
     model.sim_enc.load_state_dict(start)

@@ -2,40 +2,24 @@
 
 Everything here runs on the CPU: ``tf32`` is a no-op there, ``bf16`` autocasts as on a GPU.
 """
-import importlib.util
-import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from vsl.config import Config
 from vsl.errors import ConfigError
 from vsl.models import build_model
-from vsl.precision import autocast_dtype, check_precision, precision_context, scores_in_precision
+from vsl.precision import (
+    autocast_dtype,
+    check_precision,
+    precision_context,
+    scores_in_precision,
+)
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 TINY = dict(img_dim=24, word_dim=12, embed_size=32, sim_dim=16, vocab_size=50, num_regions=36)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: a second OpenMP thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = module
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny problems: a second thread only adds synchronisation
 
 
 @pytest.fixture
@@ -183,104 +167,3 @@ def test_scoring_loop_has_no_per_chunk_host_reads(monkeypatch, module_name):
     assert chunks["many"] >= 8 and chunks["one"] == 1
     assert reads_many == reads_one          # nothing is read back per chunk
     torch.testing.assert_close(many, one, rtol=0, atol=1e-6)
-
-
-# ------------------------------------------------------------------------------------------------
-# benchmarks/bench_gpu.py
-# ------------------------------------------------------------------------------------------------
-def _mv_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * a_shape[0] * a_shape[1]
-
-
-def _counted_flops(fn) -> int:
-    # FlopCounterMode has no formula for matrix-vector products (SAF's folded gate uses one).
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.mv: _mv_flop})
-    with counter, torch.no_grad():
-        fn()
-    return counter.get_total_flops()
-
-
-@pytest.mark.parametrize("module_name", ["SGR", "SAF"])
-@pytest.mark.parametrize("published", [True, False])
-def test_flops_per_pair_matches_counted_matrix_products(bench, module_name, published):
-    """The mixed second difference of counted FLOP over (images, captions) isolates the per-pair cost."""
-    config = Config(module_name=module_name, **TINY)
-    torch.manual_seed(0)
-    model = build_model(config).eval()
-    L, n, m = 7, 2, 3
-
-    def total(n_img, n_cap):
-        img = torch.randn(n_img, config.num_regions, config.embed_size)
-        cap = torch.randn(n_cap, L, config.embed_size)
-        lengths = torch.full((n_cap,), L)
-        if published:
-            return _counted_flops(lambda: model.sim_enc.forward_per_caption(img, cap, lengths))
-        return _counted_flops(lambda: model.similarity(img, cap, lengths, chunk_elements=1 << 30))
-
-    per_pair = (total(2 * n, 2 * m) - total(2 * n, m) - total(n, 2 * m) + total(n, m)) / (n * m)
-    if module_name == "SGR" and not published:
-        # The last step's node-0 logits are a batched dot product (torch.linalg.vecdot), which the
-        # counter does not see as a matrix product: N = L + 1 nodes x sim_dim multiply-adds.
-        per_pair += 2 * (L + 1) * config.sim_dim
-    assert bench.flops_per_pair(config, L, published=published) == pytest.approx(per_pair, rel=1e-12)
-
-
-def test_flops_per_pair_at_published_sizes(bench):
-    sgr, saf = Config(module_name="SGR"), Config(module_name="SAF")
-    assert 25e6 < bench.flops_per_pair(sgr, 13.0) < 28e6          # "about 27 MFLOP" for SGR
-    assert bench.flops_per_pair(sgr, 13.0, published=False) < 0.7 * bench.flops_per_pair(sgr, 13.0)
-    assert bench.flops_per_pair(saf, 13.0, published=False) == bench.flops_per_pair(saf, 13.0)
-
-
-def test_coco_caption_lengths_are_coco_like(bench):
-    lengths = bench.coco_caption_lengths(25000, torch.Generator().manual_seed(0))
-    assert lengths.dtype == torch.int64 and lengths.shape == (25000,)
-    assert 6 <= int(lengths.min()) and int(lengths.max()) <= 50
-    assert 12.5 <= lengths.float().mean().item() <= 13.5
-    assert 1.8 <= lengths.float().std().item() <= 3.0
-
-
-def test_benchmark_smoke_run_on_cpu(bench, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    rc = bench.main(["--device", "cpu", "--quick", "--images", "6", "--captions", "20", "--loop-images", "6",
-                     "--loop-captions", "8", "--loop-shard", "4", "--batch-size", "6", "--train-steps", "1",
-                     "--matmul-size", "64", "--precisions", "fp32,bf16", "--train-precisions", "fp32",
-                     "--time-budget", "120", "--json", str(out)])
-    assert rc == 0
-    printed = capsys.readouterr().out
-    assert "| measurement | model | precision |" in printed and "% of matmul rate" in printed
-    result = json.loads(out.read_text())
-    assert result["meta"]["device"] == "cpu" and result["meta"]["torch"] == torch.__version__
-    assert set(result["meta"]["matmul_tflops"]) == {"fp32", "tf32", "bf16"}
-    rows = result["rows"]
-    by = {(r["measurement"].split(" ")[0], r.get("model"), r.get("precision")): r for r in rows}
-    for module in ("SGR", "SAF"):
-        # The batched scorer reproduces the published per-caption loop on the loop's pairs.
-        batched = next(r for r in rows if r["measurement"].startswith("batched") and r["model"] == module)
-        assert batched["max_diff"] < 1e-5
-        assert by[("scoring", module, "fp32")]["complete"]
-        assert by[("scoring", module, "fp32")]["pairs"] == 6 * 20
-        assert 0 < by[("scoring", module, "bf16")]["max_diff"] < 2e-2
-        trains = [r for r in rows if r["measurement"].startswith("train") and r["model"] == module]
-        assert len(trains) == 2 and all(r["pairs_per_s"] > 0 for r in trains)
-    assert all(r["pairs_per_s"] > 0 for r in rows if r.get("pairs"))
-
-
-def test_benchmark_skips_sections_once_the_budget_is_spent(bench, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    rc = bench.main(["--device", "cpu", "--quick", "--matmul-size", "32", "--time-budget", "0.001",
-                     "--json", str(out)])
-    assert rc == 0
-    rows = json.loads(out.read_text())["rows"]
-    measured = [r for r in rows if not r["measurement"].startswith("matmul")]
-    assert measured and all(r["note"] == bench.SKIPPED for r in measured)
-    assert "skipped: time budget spent" in capsys.readouterr().out
-
-
-def test_benchmark_rejects_unknown_modes(bench):
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--precisions", "fp16"])
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--modules", "SGRAF"])
-    args = bench.parse_args(["--precisions", "bf16", "--quick"])
-    assert args.precisions == ["fp32", "bf16"] and args.images == bench.QUICK["images"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train import single_thread, states_equal, write_scan_dataset  # noqa: F401  (autouse: one thread)
+from conftest import states_equal, write_scan_dataset
 from vsl import Config, build_model
 from vsl.checkpoint import load_checkpoint, read_checkpoint
 from vsl.cli import main
@@ -24,6 +24,7 @@ from vsl.retrieval import index as index_mod
 from vsl.retrieval.gallery import Gallery
 
 TEST_IMAGES = 24
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

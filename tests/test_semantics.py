@@ -6,9 +6,15 @@ import pytest
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from vsl.data.semantics import (
+    CiderSemantics,
+    TfidfSemantics,
+    build_semantics,
+    caption_semantic_from_rows,
+    cider_tokens,
+    image_semantic_from_rows,
+)
 from vsl.errors import ConfigError
-from vsl.data.semantics import (CiderSemantics, TfidfSemantics, build_semantics, caption_semantic_from_rows,
-                           cider_tokens, image_semantic_from_rows)
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import json
 import random
-from math import comb
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    chance_rsum,
+    optimizer_states_equal,
+    states_equal,
+    write_scan_dataset,
+)
 
 from vsl import metrics
 from vsl.checkpoint import read_checkpoint
@@ -24,72 +29,8 @@ from vsl.cli import main
 from vsl.config import Config
 from vsl.logs import read_metrics
 from vsl.train import learning_rate, rng_state, set_rng_state
-from vsl.data.vocab import Vocabulary
 
-COLORS = ("red", "blue", "green", "white")
-OBJECTS = ("dog", "cat", "car", "bus", "man", "tree", "boat", "bird")
-GRAMMAR_WORDS = COLORS + OBJECTS + ("a", "and", "near")
-
-
-def write_scan_dataset(root: Path, data_name: str, splits: dict, img_dim: int = 16, num_regions: int = 16,
-                       extra_words: int = 0, seed: int = 0) -> dict:
-    """A learnable dataset in the SCAN layout: ``root/data/{data_name}/{split}_ims.npy``/``_caps.txt``
-    and ``root/vocab/{data_name}_vocab.json``.
-
-    Every image shows two coloured objects; half of its regions are the first object's prototype
-    (+ colour, + noise), half the second's; its 5 captions name both ("a red dog and a blue car").
-    The vocabulary has the grammar's words plus ``extra_words`` unused fillers.
-    """
-    rng = np.random.default_rng(seed)
-    objects = rng.normal(size=(len(OBJECTS), img_dim))
-    colors = rng.normal(size=(len(COLORS), img_dim)) * 0.5
-    folder = root / "data" / data_name
-    folder.mkdir(parents=True, exist_ok=True)
-    half = num_regions // 2
-    for split, n in splits.items():
-        obj = rng.integers(0, len(OBJECTS), size=(n, 2))
-        col = rng.integers(0, len(COLORS), size=(n, 2))
-        parts = objects[obj] + colors[col]                                     # (n, 2, dim)
-        feats = np.repeat(parts, [half, num_regions - half], axis=1)           # (n, R, dim)
-        feats = (feats + rng.normal(size=feats.shape) * 0.3).astype(np.float32)
-        np.save(folder / f"{split}_ims.npy", feats)
-        first = [f"a {COLORS[c]} {OBJECTS[o]}" for o, c in zip(obj[:, 0], col[:, 0])]
-        second = [f"a {COLORS[c]} {OBJECTS[o]}" for o, c in zip(obj[:, 1], col[:, 1])]
-        captions = [f"{a} and {b}" if k % 2 == 0 else f"{b} near {a}"
-                    for a, b in zip(first, second) for k in range(5)]
-        (folder / f"{split}_caps.txt").write_text("\n".join(captions) + "\n")
-    words = list(GRAMMAR_WORDS) + [f"filler{i}" for i in range(extra_words)]
-    Vocabulary(words).to_json(root / "vocab" / f"{data_name}_vocab.json")
-    return {"data_path": str(root / "data"), "vocab_path": str(root / "vocab"), "data_name": data_name,
-            "vocab_size": len(words) + 4}
-
-
-def chance_rsum(num_images: int, captions_per_image: int = 5) -> float:
-    """Expected rsum of random scores: i2t R@K = P(one of the 5 right captions in the top K)."""
-    m = num_images * captions_per_image
-    i2t = [1 - comb(m - captions_per_image, k) / comb(m, k) for k in (1, 5, 10)]
-    t2i = [k / num_images for k in (1, 5, 10)]
-    return 100 * (sum(i2t) + sum(t2i))
-
-
-def states_equal(a: dict, b: dict) -> bool:
-    """The three state dicts of two checkpoints hold bit-identical tensors."""
-    return all(sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-               for sa, sb in zip(a["model"], b["model"]))
-
-
-def optimizer_states_equal(a: dict, b: dict) -> bool:
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    return sa.keys() == sb.keys() and all(torch.equal(sa[p][k], sb[p][k]) for p in sa for k in sa[p])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The models here are tiny: one intra-op thread is faster than two fighting over the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,6 +83,7 @@ def run_a(dataset, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_and_logs(run_a):
     ckpt = run_a / "ckpt"
     names = sorted(p.name for p in ckpt.iterdir())
@@ -163,6 +105,7 @@ def test_training_writes_checkpoints_and_logs(run_a):
     assert list((run_a / "log").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_resume_from_epoch_1_checkpoint_reproduces_the_uninterrupted_run(run_a, tmp_path):
     # Only the output folders are given: every other option comes from the checkpoint.
     rc = main(["train", "--resume", str(run_a / "ckpt" / "checkpoint_1.pth.tar"), "--quiet",
@@ -176,6 +119,7 @@ def test_resume_from_epoch_1_checkpoint_reproduces_the_uninterrupted_run(run_a, 
     assert not (tmp_path / "ckpt" / "checkpoint_1.pth.tar").exists()
 
 
+@pytest.mark.slow
 def test_eval_of_the_trained_model_is_well_above_chance(run_a, dataset, tmp_path, capsys):
     out, sims_path = tmp_path / "result.json", tmp_path / "sims.npy"
     rc = main(["eval", "--checkpoint", str(run_a / "ckpt" / "checkpoint_2.pth.tar"), "--data_path",
@@ -224,6 +168,7 @@ def small_flags(data: dict, out: Path) -> list:
             "--model_name", str(out / "ckpt"), "--logger_name", str(out / "log")]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_cleanly_and_mid_epoch_resume_is_exact(tmp_path, monkeypatch, capsys):
     import vsl.train.trainer
 

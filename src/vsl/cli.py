@@ -13,7 +13,9 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from .config import MODULE_NAMES, PRECISIONS, PRESETS, SEMANTICS, SHORTLIST_LOSSES, VSL_RANKS, Config
+from .data.precomp import EVAL_SPLITS
 from .errors import VSLError
+from .metrics import PROTOCOLS
 
 _DEFAULTS = Config.__dataclass_fields__
 
@@ -206,8 +208,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_path", default=None, help="data folder (default: the checkpoint's)")
     parser.add_argument("--vocab_path", default=None, help="vocabulary folder (default: the checkpoint's)")
     parser.add_argument("--data_name", default=None, help="dataset name (default: the checkpoint's)")
-    parser.add_argument("--split", choices=("dev", "test", "testall"), default="test", help="split to evaluate")
-    parser.add_argument("--protocol", choices=("coco1k", "coco5k", "full"), default="full",
+    parser.add_argument("--split", choices=EVAL_SPLITS, default="test", help="split to evaluate")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="full",
                         help="coco1k: mean of 5 folds of 1K images; coco5k/full: all images")
     parser.add_argument("--output", metavar="PATH", default=None, help="write the results as JSON (default: none)")
     parser.add_argument("--save_sims", metavar="PATH", default=None,

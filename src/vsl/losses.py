@@ -21,9 +21,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .config import VSL_RANKS
 from .errors import ConfigError
 
-VSL_VARIANTS = ("released", "per-image")
 
 #: Elements of the (rows, B, B) comparison tensor handled per chunk (float32: 4 MB per buffer).
 #: Small chunks are also faster than large ones on CPU (measured: 1 << 20 beats 1 << 22 and 1 << 24).
@@ -39,8 +39,8 @@ def _check_square(name: str, matrix: torch.Tensor) -> None:
 
 
 def _check_variant(variant: str) -> None:
-    if variant not in VSL_VARIANTS:
-        raise ConfigError(f"vsl_rank must be one of {VSL_VARIANTS}, got {variant!r}")
+    if variant not in VSL_RANKS:
+        raise ConfigError(f"vsl_rank must be one of {VSL_RANKS}, got {variant!r}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .vocab import Vocabulary
 PathLike = Union[str, os.PathLike]
 
 SPLITS = ("train", "dev", "test", "testall")
+EVAL_SPLITS = SPLITS[1:]            # the splits that are scored (train is only trained on)
 VALIDATION_CAPTIONS = 5000          # the published code validates on the first 5,000 dev captions
 FEATURE_DTYPE = np.dtype("<f4")     # what the models see; files may hold any float width
 

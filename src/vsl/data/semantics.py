@@ -20,10 +20,10 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 
+from ..config import SEMANTICS
 from ..errors import ConfigError
 from .vocab import tokenize
 
-SEMANTIC_KINDS = ("tfidf", "cider")
 Rows = Union[np.ndarray, sp.spmatrix, sp.sparray]
 
 
@@ -233,4 +233,4 @@ def build_semantics(kind: str, captions: Sequence[str], captions_per_image: int)
         return TfidfSemantics(captions_per_image).fit(captions)
     if kind == "cider":
         return CiderSemantics(captions_per_image).fit(captions)
-    raise ConfigError(f"semantic must be one of {SEMANTIC_KINDS}, got {kind!r}")
+    raise ConfigError(f"semantic must be one of {SEMANTICS}, got {kind!r}")

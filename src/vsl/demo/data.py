@@ -41,10 +41,10 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write_text, temporary_sibling
-from ..data.vocab import SPECIAL_TOKENS, Vocabulary
+from ..data import SPLITS, SPECIAL_TOKENS, Vocabulary
 
 DATA_NAME = "demo_precomp"
-SPLITS = ("train", "dev", "test")
+DEMO_SPLITS = SPLITS[:3]      # train, dev, test; an index here seeds its split's streams
 CAPTIONS_PER_IMAGE = 5
 MANIFEST = "demo_manifest.json"
 #: Bump when the generator changes so that cached datasets are regenerated.
@@ -172,7 +172,7 @@ class Scenes:
 
 def sample_scenes(spec: DemoSpec, split: str) -> Scenes:
     """The objects, colours, relation, background and region layout of every image of ``split``."""
-    rng = _rng(spec, 0, SPLITS.index(split))
+    rng = _rng(spec, 0, DEMO_SPLITS.index(split))
     n, objects = spec.images(split), 2 + MAX_SECONDARY
     # Distinct classes per image: the first columns of a random permutation of all classes.
     classes = np.argsort(rng.random((n, len(CLASSES))), axis=1)[:, :objects]
@@ -236,7 +236,7 @@ def render_regions(spec: DemoSpec, split: str, scenes: Scenes, protos: Prototype
     (non-negative, like pooled CNN activations).
     """
     sl = slice(chunk * CHUNK, min((chunk + 1) * CHUNK, spec.images(split)))
-    rng = _rng(spec, 2, SPLITS.index(split), chunk)
+    rng = _rng(spec, 2, DEMO_SPLITS.index(split), chunk)
     classes, colors = scenes.classes[sl], scenes.colors[sl]
     n, r, d = classes.shape[0], spec.num_regions, spec.img_dim
 
@@ -305,7 +305,7 @@ class Captions:
 
 def write_captions(spec: DemoSpec, split: str, scenes: Scenes) -> Captions:
     """Five captions per image from the grammar, built slot by slot over all captions at once."""
-    rng = _rng(spec, 3, SPLITS.index(split))
+    rng = _rng(spec, 3, DEMO_SPLITS.index(split))
     rep = lambda a: np.repeat(a, CAPTIONS_PER_IMAGE, axis=0)     # image rows -> caption rows
     classes, colors = rep(scenes.classes), rep(scenes.colors)
     m = classes.shape[0]
@@ -351,8 +351,8 @@ class DemoSplit:
 
 def sample_split(spec: DemoSpec, split: str) -> DemoSplit:
     """One split, entirely in memory: exactly what :func:`make_demo_data` writes for it."""
-    if split not in SPLITS:
-        raise ConfigError(f"demo data: split must be one of {SPLITS}, got {split!r}")
+    if split not in DEMO_SPLITS:
+        raise ConfigError(f"demo data: split must be one of {DEMO_SPLITS}, got {split!r}")
     scenes = sample_scenes(spec, split)
     protos = sample_prototypes(spec)
     chunks = -(-spec.images(split) // CHUNK)
@@ -369,7 +369,7 @@ def demo_vocabulary() -> Vocabulary:
 # --- writing ------------------------------------------------------------------------------------
 def _paths(out_dir: Path) -> Dict[str, Path]:
     data = out_dir / "data" / DATA_NAME
-    files = {f"{s}_{kind}": data / f"{s}_{kind}.{ext}" for s in SPLITS
+    files = {f"{s}_{kind}": data / f"{s}_{kind}.{ext}" for s in DEMO_SPLITS
              for kind, ext in (("ims", "npy"), ("caps", "txt"))}
     files["vocab"] = out_dir / "vocab" / f"{DATA_NAME}_vocab.json"
     return files
@@ -419,10 +419,10 @@ def make_demo_data(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = 
         raise DataError(f"{out_dir}: cannot create the demo dataset folders ({e.strerror or e})") from e
 
     protos = sample_prototypes(spec)
-    chunks = {s: -(-spec.images(s) // CHUNK) for s in SPLITS}
+    chunks = {s: -(-spec.images(s) // CHUNK) for s in DEMO_SPLITS}
     bar = tqdm(total=sum(chunks.values()), desc="demo data", unit="chunk", disable=not progress)
     try:
-        for split in SPLITS:
+        for split in DEMO_SPLITS:
             scenes = sample_scenes(spec, split)
             atomic_write_text(paths[f"{split}_caps"],
                                "\n".join(write_captions(spec, split, scenes).captions) + "\n")

@@ -25,7 +25,8 @@ Parameter names match the published checkpoints (``v_global_w``, ``SGR_module.0.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -140,11 +141,6 @@ class GraphReasoning(nn.Module):
         pooled = (_softmax_short_rows(logits).unsqueeze(1) @ nodes).squeeze(1)   # (P, s)
         return F.relu(self.sim_graph_w(pooled))
 
-    def forward_published(self, nodes: torch.Tensor) -> torch.Tensor:
-        """The published computation (separate query and key projections), for reference loops."""
-        edges = torch.softmax(self.graph_query_w(nodes) @ self.graph_key_w(nodes).transpose(1, 2), dim=-1)
-        return F.relu(self.sim_graph_w(edges @ nodes))
-
 
 def _softmax_short_rows(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim, in place without autograd; for many short rows (``N ~ 14`` nodes).
@@ -180,16 +176,6 @@ class AttentionFiltration(nn.Module):
         shift = bn.bias - bn.running_mean * scale
         return self.attn_sim_w.weight[0] * scale, self.attn_sim_w.bias[0] * scale[0] + shift[0]
 
-    def pool(self, nodes: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Filtered, l2-normalised sum of ``nodes`` ``(P, N, s)`` with gates ``(P, N)`` -> ``(P, s)``."""
-        weights = l1norm(torch.sigmoid(gate) * mask, dim=-1)
-        return l2norm((weights.unsqueeze(1) @ nodes).squeeze(1), dim=-1)
-
-    def forward_published(self, nodes: torch.Tensor) -> torch.Tensor:
-        """The published computation for one caption (all nodes valid), for reference loops."""
-        attn = torch.sigmoid(self.bn(self.attn_sim_w(nodes).transpose(1, 2)))
-        pooled = l1norm(attn, dim=-1) @ nodes
-        return l2norm(pooled.squeeze(1), dim=-1)
 
 
 def scan_text_to_image_attention(images: torch.Tensor, words: torch.Tensor,
@@ -234,6 +220,55 @@ def _l2norm_(x: torch.Tensor, inplace: bool) -> torch.Tensor:
     """:func:`l2norm` over the last dim, in place when allowed."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return x.div_(norm.add_(1e-8)) if inplace else x / (norm + 1e-8)
+
+
+_SafStats = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Captions ``[start, stop)`` of the length-sorted order, scored together against blocks of
+    ``image_step`` images; ``length`` = their longest caption; ``padded``: of several lengths (masked)."""
+
+    start: int
+    stop: int
+    length: int
+    image_step: int
+    padded: bool
+
+
+def plan_chunks(sorted_lengths: Sequence[int], num_images: int, embed_size: int, budget: int,
+                training: bool) -> List[Chunk]:
+    """How :meth:`SimilarityEncoder.forward` splits ``num_images x len(sorted_lengths)`` pairs.
+
+    ``budget`` bounds the elements of a block's largest intermediate, ``pairs x (1 + L) x d``.
+    Each chunk holds captions of one length (no padding words or nodes, so no masks; COCO has ~20
+    distinct lengths, so chunks stay large), unless all pairs fit in one padded chunk. In training
+    every block holds all images, so that SAF's BatchNorm statistics are taken per caption over
+    all images, as in the published loop; in evaluation blocks are square-ish in pairs, so that
+    each image has enough words for the context product to be a real matrix product.
+    """
+    m, n, d = len(sorted_lengths), num_images, embed_size
+    if m == 0:
+        return []
+    one_chunk = budget >= n * m * (sorted_lengths[0] + 1) * d
+    same_length_end: Dict[int, int] = {}
+    for pos in range(m - 1, -1, -1):
+        same_length_end.setdefault(sorted_lengths[pos], pos + 1)
+    plan, start = [], 0
+    while start < m:
+        longest = sorted_lengths[start]
+        run = m - start if one_chunk else same_length_end[longest] - start   # captions of this length left
+        per_pair = max(1, longest + 1) * d
+        if training:
+            cap_step, img_step = min(run, max(1, budget // (per_pair * n))), n
+        else:
+            pairs = max(1, budget // per_pair)
+            cap_step = min(run, max(1, int(math.sqrt(pairs))))
+            img_step = max(1, min(n, pairs // cap_step))
+        plan.append(Chunk(start, start + cap_step, longest, img_step, one_chunk))
+        start += cap_step
+    return plan
 
 
 class SimilarityEncoder(nn.Module):
@@ -289,51 +324,38 @@ class SimilarityEncoder(nn.Module):
         img_glo = self.v_global_w(img_emb)                                    # (n, d)
         cap_glo = self.t_global_w(cap_emb, word_mask)                         # (m, d)
 
-        d = img_emb.size(-1)
-        budget = chunk_elements or default_chunk_elements(img_emb.device, d)
         order = torch.argsort(lengths, descending=True, stable=True)
-        # The chunk plan is read from one host copy of the sorted lengths, so the loop below never
-        # waits for the device (an int() of a device tensor per chunk would drain the launch queue).
-        sorted_lengths = lengths[order].tolist()
-        chunks_out: List[torch.Tensor] = []
-        saf_stats: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        start = 0
-        # Captions of one length per chunk: no padding words or nodes, so no masks (COCO has ~20
-        # distinct lengths, so chunks stay large) -- unless everything fits in one padded chunk.
-        one_chunk = budget >= n * m * (max_len + 1) * d
-        same_length_end = {}
-        for pos in range(m - 1, -1, -1):
-            same_length_end.setdefault(sorted_lengths[pos], pos + 1)
-        while start < m:
-            longest = sorted_lengths[start]
-            run = m - start if one_chunk else same_length_end[longest] - start  # captions of this length left
-            per_caption = max(1, longest + 1) * d                             # elements per pair
-            if self.training:
-                cap_step, img_step = min(run, max(1, budget // (per_caption * n))), n
-            else:
-                pairs = max(1, budget // per_caption)
-                # Square-ish blocks: enough words per image for the context product to be a real GEMM.
-                cap_step = min(run, max(1, int(math.sqrt(pairs))))
-                img_step = max(1, min(n, pairs // cap_step))
-            idx = order[start:start + cap_step]
-            L = longest                                                       # sorted: first is longest
-            cols = []
-            for i0 in range(0, n, img_step):
-                cols.append(self._score_block(img_emb[i0:i0 + img_step], img_glo[i0:i0 + img_step],
-                                              cap_emb[idx, :L], cap_glo[idx],
-                                              word_mask[idx, :L] if one_chunk else None, saf_stats))
+        # The plan is read from one host copy of the sorted lengths, so the loop below never waits
+        # for the device (an int() of a device tensor per chunk would drain the launch queue).
+        plan = plan_chunks(lengths[order].tolist(), n, img_emb.size(-1),
+                           chunk_elements or default_chunk_elements(img_emb.device, img_emb.size(-1)),
+                           self.training)
+        columns: List[torch.Tensor] = []
+        saf_stats: List[_SafStats] = []
+        for chunk in plan:
+            idx, L = order[chunk.start:chunk.stop], chunk.length
+            mask = word_mask[idx, :L] if chunk.padded else None
+            rows = []
+            for i0 in range(0, n, chunk.image_step):
+                i1 = i0 + chunk.image_step
+                block, stats = self._score_block(img_emb[i0:i1], img_glo[i0:i1], cap_emb[idx, :L], cap_glo[idx], mask)
+                rows.append(block)
+                if stats is not None:
+                    saf_stats.append(stats)
                 if progress is not None:
-                    progress(cols[-1].numel())
-            chunks_out.append(torch.cat(cols, dim=0))
-            start += cap_step
-        scores = torch.cat(chunks_out, dim=1)
+                    progress(block.numel())
+            columns.append(torch.cat(rows, dim=0))
+        scores = torch.cat(columns, dim=1)
         if saf_stats and self.training:
             self._update_saf_running_stats(saf_stats, order)
         return scores.index_select(1, torch.argsort(order))
 
     def _score_block(self, img: torch.Tensor, img_glo: torch.Tensor, cap: torch.Tensor, cap_glo: torch.Tensor,
-                     word_mask: Optional[torch.Tensor], saf_stats: list) -> torch.Tensor:
-        """Scores of ``img (n, R, d)`` x ``cap (m, L, d)`` -> ``(n, m)``; ``word_mask (m, L)`` or None."""
+                     word_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[_SafStats]]:
+        """Scores of ``img (n, R, d)`` x ``cap (m, L, d)`` -> ``(n, m)``; ``word_mask (m, L)`` or None.
+
+        Also returns SAF's per-caption BatchNorm statistics of the block in training, else None.
+        """
         n, m, L = img.size(0), cap.size(0), cap.size(1)
         inplace = not torch.is_grad_enabled()
         context = scan_text_to_image_attention(img, cap)                      # (n, m, L, d)
@@ -356,6 +378,7 @@ class SimilarityEncoder(nn.Module):
         if word_mask is None:
             word_mask = torch.ones(m, L, dtype=torch.bool, device=cap.device)
         node_mask = torch.cat([word_mask.new_ones(m, 1), word_mask], dim=1)   # (m, 1+L)
+        stats = None
         if self.module_name == "SGR":
             flat = nodes.view(n * m, L + 1, s)
             mask = node_mask.unsqueeze(0).expand(n, m, L + 1).reshape(n * m, L + 1) if padded else None
@@ -363,11 +386,14 @@ class SimilarityEncoder(nn.Module):
                 flat = step(flat, mask)
             vec = self.SGR_module[-1].forward_node0(flat, mask).view(n, m, s)
         else:
-            vec = self._filtration(nodes, node_mask, saf_stats)
-        return torch.sigmoid(self.sim_eval_w(vec)).squeeze(-1)
+            vec, stats = self._filtration(nodes, node_mask)
+        return torch.sigmoid(self.sim_eval_w(vec)).squeeze(-1), stats
 
-    def _filtration(self, nodes: torch.Tensor, node_mask: torch.Tensor, saf_stats: list) -> torch.Tensor:
-        """SAF over ``nodes (n, m, N, s)`` with ``node_mask (m, N)`` -> ``(n, m, s)``."""
+    def _filtration(self, nodes: torch.Tensor, node_mask: torch.Tensor
+                    ) -> Tuple[torch.Tensor, Optional[_SafStats]]:
+        """SAF over ``nodes (n, m, N, s)`` with ``node_mask (m, N)`` -> ``(n, m, s)``, and the
+        per-caption BatchNorm statistics ``(mean, var, count)``, each ``(m,)``, when taken from the batch."""
+        stats = None
         saf = self.SAF_module
         n, m, N, s = nodes.shape
         maskf = node_mask.to(nodes.dtype).unsqueeze(0)                        # (1, m, N)
@@ -379,15 +405,15 @@ class SimilarityEncoder(nn.Module):
             var = (((raw - mean[None, :, None]) ** 2) * maskf).sum(dim=(0, 2)) / count
             gate = (raw - mean[None, :, None]) / torch.sqrt(var[None, :, None] + saf.bn.eps)
             gate = gate * saf.bn.weight[0] + saf.bn.bias[0]
-            saf_stats.append((mean.detach(), var.detach(), count.detach()))
+            stats = (mean.detach(), var.detach(), count.detach())
         else:
             weight, bias = saf.eval_affine()
             gate = nodes @ weight + bias                                      # (n, m, N)
         weights = l1norm(torch.sigmoid(gate) * maskf, dim=-1)
-        return l2norm((weights.unsqueeze(-2) @ nodes).squeeze(-2), dim=-1)
+        return l2norm((weights.unsqueeze(-2) @ nodes).squeeze(-2), dim=-1), stats
 
     @torch.no_grad()
-    def _update_saf_running_stats(self, saf_stats: list, order: torch.Tensor) -> None:
+    def _update_saf_running_stats(self, saf_stats: List[_SafStats], order: torch.Tensor) -> None:
         """Apply the published sequence of per-caption BatchNorm updates in closed form.
 
         Caption ``c`` (in the original order) updates ``r <- (1 - a) r + a x_c``; after all ``m``
@@ -478,48 +504,8 @@ class SimilarityEncoder(nn.Module):
             vec = self.SGR_module[-1].forward_node0(nodes, None)
         else:
             node_mask = torch.ones(P, L + 1, dtype=torch.bool, device=cap.device)
-            vec = self._filtration(nodes.unsqueeze(0), node_mask, []).squeeze(0)
+            vec = self._filtration(nodes.unsqueeze(0), node_mask)[0].squeeze(0)
         return torch.sigmoid(self.sim_eval_w(vec)).squeeze(-1)
-
-    # ------------------------------------------------------------------------------------------
-    def forward_per_caption(self, img_emb: torch.Tensor, cap_emb: torch.Tensor,
-                            lengths: torch.Tensor) -> torch.Tensor:
-        """The published one-caption-at-a-time loop (reference and benchmark baseline): ``(n, m)``."""
-        n = img_emb.size(0)
-        img_glo = self.v_global_w(img_emb)
-        out = []
-        for j in range(cap_emb.size(0)):
-            words = cap_emb[j, : int(lengths[j])].unsqueeze(0)                 # (1, L, d)
-            cap_glo = self.t_global_w(words, torch.ones(1, words.size(1), dtype=torch.bool,
-                                                        device=words.device))
-            words = words.expand(n, -1, -1)                                    # (n, L, d)
-            context = published_scan_attention(words, img_emb)
-            sim_loc = l2norm(self.sim_tranloc_w((context - words) ** 2), dim=-1)
-            sim_glo = l2norm(self.sim_tranglo_w((img_glo - cap_glo) ** 2), dim=-1)
-            nodes = torch.cat([sim_glo.unsqueeze(1), sim_loc], dim=1)
-            if self.module_name == "SGR":
-                for step in self.SGR_module:
-                    nodes = step.forward_published(nodes)
-                vec = nodes[:, 0]
-            else:
-                vec = self.SAF_module.forward_published(nodes)
-            out.append(torch.sigmoid(self.sim_eval_w(vec)))
-        return torch.cat(out, dim=1)
-
-
-def published_scan_attention(query: torch.Tensor, context: torch.Tensor,
-                             smooth: float = ATTENTION_SMOOTH) -> torch.Tensor:
-    """SCAN text-to-image attention, one caption at a time, with the published sequence of operations.
-
-    ``query`` ``(n, L, d)`` (one caption repeated for ``n`` images), ``context`` ``(n, R, d)`` ->
-    ``(n, L, d)``. Kept for the per-caption reference loop, so that benchmarks compare against the
-    published arithmetic (a full softmax, transposed copies) rather than our rewrite of it.
-    """
-    attn = F.leaky_relu(torch.bmm(context, query.transpose(1, 2)), 0.1)     # (n, R, L)
-    attn = l2norm(attn, dim=2)
-    attn = F.softmax(attn.transpose(1, 2).contiguous() * smooth, dim=2)    # (n, L, R)
-    weighted = torch.bmm(context.transpose(1, 2), attn.transpose(1, 2).contiguous())  # (n, d, L)
-    return l2norm(weighted.transpose(1, 2), dim=-1)
 
 
 def default_chunk_elements(device: torch.device, embed_size: int) -> int:

@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -121,71 +121,58 @@ class Trainer:
         config: the run's options (``vocab_size`` is set from the vocabulary file).
         resume: a checkpoint to continue from (vsl format: exact; published format: weights and
             position only).
-        rank, world_size: this process' share of every batch (distributed training).
-        is_main: only the main process writes checkpoints and logs, and validates.
-        wrap_model: turns the model into the scorer (e.g. ``DistributedDataParallel``).
-        progress: show progress bars.
-        distributed: the :class:`vsl.distributed.DistInfo` of a torchrun process; sets ``rank``,
-            ``world_size``, ``is_main``, ``device`` and the DDP scorer. The loss then sees the
-            global batch (semantic matrices included), validation is sharded over the ranks and
-            checkpoints hold every rank's RNG states (exact resume with the same world size).
+        distributed: the :class:`vsl.distributed.DistInfo` of a torchrun process. The loss then
+            sees the global batch (semantic matrices included), validation is sharded over the ranks,
+            only rank 0 writes checkpoints and logs, and checkpoints hold every rank's RNG states
+            (exact resume with the same world size). ``None``: one process on ``config.device``.
+        progress: show progress bars (rank 0 only).
     """
 
-    def __init__(self, config: Config, resume: Optional[Union[str, Path]] = None, *, rank: int = 0,
-                 world_size: int = 1, is_main: bool = True, device: Optional[torch.device] = None,
-                 wrap_model: Optional[Callable[[nn.Module], nn.Module]] = None, progress: bool = True,
-                 distributed: Optional[vdist.DistInfo] = None):
-        if distributed is not None:
-            rank, world_size, is_main, device = (distributed.rank, distributed.world_size, distributed.is_main,
-                                                 distributed.device)
-            wrap_model = wrap_model or (lambda model: vdist.wrap_model(model, distributed))
-        elif world_size > 1:
-            raise ValueError("distributed training needs distributed=DistInfo (its process group gathers the batch)")
-        self.dist = distributed or vdist.DistInfo()
-        self.rank, self.world_size, self.is_main, self.progress = rank, world_size, is_main, progress and is_main
-        if world_size > 1 and config.shortlist_weight > 0:
+    def __init__(self, config: Config, resume: Optional[Union[str, Path]] = None, *,
+                 distributed: Optional[vdist.DistInfo] = None, progress: bool = True):
+        # Where the run happens, and its outputs: a bad output path fails before any work.
+        self.dist = distributed if distributed is not None else vdist.DistInfo(device=resolve_device(config.device))
+        self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
+        self.device, self.progress = self.dist.device, progress and self.is_main
+        if self.world_size > 1 and config.shortlist_weight > 0:
             raise ConfigError("--shortlist_weight is not supported under torchrun; train without it and fit "
                               "the head afterwards with `vsl fit-shortlist`")
-        self.device = device or resolve_device(config.device)
-        seed_everything(config.seed)
-        if self.is_main:                  # before any work: a bad output path fails at once
+        if self.is_main:
             check_writable(config.model_name, "folder")
             check_writable(config.logger_name, "folder")
 
+        # Data: the vocabulary fixes vocab_size; the semantic matrices only when a semantic loss is on.
         vocab = Vocabulary.from_json(vocab_file(config.vocab_path, config.data_name))
         config = config.replace(vocab_size=len(vocab))
         self.train_set = PrecompDataset(config.data_path, config.data_name, "train", vocab)
         self.dev_set = PrecompDataset(config.data_path, config.data_name, "dev", vocab,
                                       max_captions=default_max_captions("dev", config.val_all))
         check_fits(config, self.train_set, source="--img_dim/--num_regions")
-        self.config = config
-        self.vocab = vocab
+        self.config, self.vocab = config, vocab
         self.dev_tokens = [vocab.encode(c) for c in self.dev_set.captions]
+        self.semantics = (build_semantics(config.semantic, self.train_set.captions, self.train_set.captions_per_image)
+                          if config.vsl_weight != 0 else None)
 
-        # The semantic matrices are only needed when a semantic loss is on.
-        self.semantics = None
-        if config.vsl_weight != 0:
-            self.semantics = build_semantics(config.semantic, self.train_set.captions,
-                                             self.train_set.captions_per_image)
+        # Model: initialised from the seed (the same weights on every rank; DDP also broadcasts
+        # rank 0's), then each rank draws its own dropout masks (one stream would correlate them).
+        seed_everything(config.seed)
         self.model: VSLModel = build_model(config).to(self.device)
-        self.scorer = wrap_model(self.model) if wrap_model is not None else self.model   # (DDP: rank 0's weights)
-        if world_size > 1:
-            # Each rank draws its own dropout masks (same seed everywhere would correlate them).
-            seed_everything(config.seed + 1000003 * (rank + 1))
+        self.scorer = vdist.wrap_model(self.model, self.dist)
+        if self.world_size > 1:
+            seed_everything(config.seed + 1000003 * (self.rank + 1))
         self.objective = VSLObjective(margin=config.margin, max_violation=config.max_violation,
                                       vsl_weight=config.vsl_weight, temperature=config.vsl_temperature,
                                       vsl_rank=config.vsl_rank, textual=config.textual_semantic_loss)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+
+        # Position: a fresh run, or where ``resume`` stopped (weights, Adam, position, RNG streams).
         self.out_dir = Path(config.model_name)
         self.pos = Position()
         self.resumed = resume is not None
-        rng = None
-        if resume is not None:
-            rng = self._load(Path(resume))
-        self.logger = RunLogger(config.logger_name, enabled=is_main,
+        rng = self._load(Path(resume)) if resume is not None else None
+        self.logger = RunLogger(config.logger_name, enabled=self.is_main,
                                 resume_step=self.pos.iteration if self.resumed else None)
-        # Last, so that nothing above shifts the restored streams.
-        if rng is not None:
+        if rng is not None:          # last: nothing above may draw from the restored streams
             set_rng_state(rng)
 
     # --------------------------------------------------------------------------------------------
