@@ -235,7 +235,7 @@ def test_an_internal_error_is_a_500_without_traceback_and_serving_goes_on(thumbs
 def test_an_index_user_error_is_a_422(thumbs):
     with TestClient(create_app(FakeIndex(fail_on="bad"))) as c:
         r = c.get("/api/search", params={"q": "bad query"})
-        assert r.status_code == 422 and "bad query" in r.json()["error"]
+        assert r.status_code == 422 and "bad query" in r.json()["error"] and r.json()["parameter"] == "q"
 
 
 # --- micro-batching ------------------------------------------------------------------------------

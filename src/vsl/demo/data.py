@@ -378,9 +378,15 @@ def _paths(out_dir: Path) -> Dict[str, Path]:
     return files
 
 
+def split_thumbnails(data_path: Union[str, os.PathLike], data_name: str, split: str) -> Path:
+    """Where a dataset in the SCAN layout keeps pictures of a split's images, ``{i}.png`` for image i
+    (beside ``{split}_ims.npy``; the demo data writes them, ``vsl serve`` shows them)."""
+    return Path(data_path) / data_name / f"{split}_thumbs"
+
+
 def thumbnails_dir(out_dir: Union[str, os.PathLike], split: str) -> Path:
-    """The folder of ``{i}.png`` thumbnails of ``split`` in a dataset written to ``out_dir``."""
-    return Path(out_dir) / "data" / DATA_NAME / f"{split}_thumbs"
+    """The folder of ``{i}.png`` thumbnails of ``split`` in a demo dataset written to ``out_dir``."""
+    return split_thumbnails(Path(out_dir) / "data", DATA_NAME, split)
 
 
 def draw_thumbnail(scenes: Scenes, i: int):

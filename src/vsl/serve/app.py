@@ -70,6 +70,22 @@ def _check_utf8(query_string: bytes) -> None:
             raise ParameterError(shown, f"{shown}: the value is not valid UTF-8 text", 400) from None
 
 
+class _Utf8Parameters:
+    """ASGI middleware: a request whose query string is not UTF-8 is answered 400 before routing."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            try:
+                _check_utf8(scope.get("query_string", b""))
+            except ParameterError as exc:
+                await _error(exc.status, exc.message, exc.parameter)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: float = 2.0,
                max_batch: int = 32, thumbnails: Optional[Path] = None) -> FastAPI:
     """The app serving ``index`` (a loaded :class:`vsl.retrieval.Index`).
@@ -87,7 +103,9 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
     thumbs = Path(thumbnails) if thumbnails is not None and Path(thumbnails).is_dir() else None
     info = dict(index.info())
     num_images, num_captions = int(index.num_images), int(index.num_captions)
-    per_image = num_captions // num_images if num_images and num_captions % num_images == 0 else 0
+    # Captions per image: caption j of an image->text result belongs to image j // per_image.
+    per_image = int(getattr(index, "captions_per_image", 0) or 0) or (
+        num_captions // num_images if num_images and num_captions % num_images == 0 else 0)
     started = time.time()
     # Example queries for the page's empty state: the first caption of a few spread-out images.
     examples = [index.captions_of_image(i)[:1] for i in range(0, num_images, max(1, num_images // 4))][:4]
@@ -128,13 +146,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
         log.exception("internal error on %s", request.url.path)
         return _error(500, "internal server error")
 
-    @app.middleware("http")
-    async def _utf8_parameters(request: Request, call_next):
-        try:
-            _check_utf8(request.scope.get("query_string", b""))
-        except ParameterError as exc:
-            return _error(exc.status, exc.message, exc.parameter)
-        return await call_next(request)
+    app.add_middleware(_Utf8Parameters)
 
     # -- API ---------------------------------------------------------------------------------------
     @app.get("/api/health", summary="liveness: the index is loaded and searches are served")
@@ -170,7 +182,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
             if len(q) > MAX_QUERY_CHARS:
                 raise ParameterError("q", f"q: at most {MAX_QUERY_CHARS} characters, got {len(q):,}")
             k = _check_k(k, num_images, "images")
-            result, batch = await batcher.submit(("text", k, shortlist), index.search_text, text, k, shortlist)
+            result, batch = await _search("q", ("text", k, shortlist), index.search_text, text, k, shortlist)
             body = result.to_dict()
             body["direction"] = "text_to_image"
             for hit in body["results"]:
@@ -182,8 +194,8 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
             if num_captions == 0:
                 raise ParameterError("image_id", "image_id: this gallery has no captions to search", 422)
             k = _check_k(k, num_captions, "captions")
-            result, batch = await batcher.submit(("image", k, shortlist), index.search_image, image_id, k,
-                                                 shortlist)
+            result, batch = await _search("image_id", ("image", k, shortlist), index.search_image, image_id, k,
+                                          shortlist)
             body = result.to_dict()
             body["direction"] = "image_to_text"
             body["image"] = {"id": image_id, "captions": list(index.captions_of_image(image_id)),
@@ -193,6 +205,12 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
         body["batch_size"] = batch
         body["server_seconds"] = time.perf_counter() - t0
         return body
+
+    async def _search(parameter: str, key, search, query, k: int, shortlist: int):
+        try:
+            return await batcher.submit(key, search, query, k, shortlist)
+        except VSLError as exc:        # the index refused the query itself (e.g. no words in it)
+            raise ParameterError(parameter, f"{parameter}: {' '.join(str(exc).split())}") from None
 
     def _check_k(k: Optional[int], size: int, what: str) -> int:
         if k is None:

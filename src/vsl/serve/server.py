@@ -42,11 +42,31 @@ def search_threads(workers: Optional[int] = None) -> int:
     return workers or cores
 
 
+def default_thumbnails(index) -> Optional[Path]:
+    """The pictures of the indexed split, when its dataset has them (see
+    :func:`vsl.demo.data.split_thumbnails`); None otherwise."""
+    from ..demo.data import split_thumbnails
+
+    source = getattr(index, "manifest", {}).get("options", {})
+    if not all(isinstance(source.get(k), str) for k in ("data_path", "data_name", "split")):
+        return None                              # e.g. a pure image gallery from .npy features
+    folder = split_thumbnails(source["data_path"], source["data_name"], source["split"])
+    return folder if folder.is_dir() else None
+
+
 def serve(index: Optional[PathLike] = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
           workers: Optional[int] = None, batch_window_ms: float = 2.0, max_batch: int = 32,
           thumbnails: Optional[PathLike] = None, device: str = "cpu", demo_dir: PathLike = "./vsl-demo",
           log_level: str = "info") -> None:
     """Serve ``index`` (a folder written by ``vsl index``; None = the demo index) until interrupted."""
+    if max_batch < 1:
+        raise ConfigError(f"--max_batch: expected >= 1 (1 = no batching), got {max_batch}")
+    if not batch_window_ms >= 0:
+        raise ConfigError(f"--batch_window_ms: expected >= 0, got {batch_window_ms}")
+    threads = search_threads(workers)
+    if thumbnails is not None and not Path(thumbnails).is_dir():
+        raise ConfigError(f"--thumbnails {thumbnails}: not a folder (expected {{image_id}}.png files)")
+    sock = bind(host, port)            # before the slow part: a busy port fails at once
     import torch
     import uvicorn
 
@@ -54,23 +74,16 @@ def serve(index: Optional[PathLike] = None, host: str = DEFAULT_HOST, port: int 
     from ..retrieval import Index
     from .app import create_app
 
-    if max_batch < 1:
-        raise ConfigError(f"--max_batch: expected >= 1 (1 = no batching), got {max_batch}")
-    if not batch_window_ms >= 0:
-        raise ConfigError(f"--batch_window_ms: expected >= 0, got {batch_window_ms}")
-    threads = search_threads(workers)
-    sock = bind(host, port)            # before the slow part: a busy port fails at once
     try:
         if index is None:
             from .demo import build_demo_index
 
-            demo = build_demo_index(demo_dir, device=device)
-            index, thumbnails = demo.index_dir, thumbnails or demo.thumbnails
+            index = build_demo_index(demo_dir, device=device).index_dir
         loaded = Index.load(Path(index), device=str(resolve_device(device)))
         # Each search thread runs its batch with its share of the cores.
         torch.set_num_threads(max(1, search_threads() // threads))
         app = create_app(loaded, workers=threads, batch_window_ms=batch_window_ms, max_batch=max_batch,
-                         thumbnails=Path(thumbnails) if thumbnails else None)
+                         thumbnails=Path(thumbnails) if thumbnails else default_thumbnails(loaded))
         shown = f"[{host}]" if ":" in host else host
         print(f"vsl serve: {index} ({loaded.num_images:,} images) on http://{shown}:{sock.getsockname()[1]}/ "
               f"- API docs at /docs, Ctrl-C stops", flush=True)
