@@ -393,3 +393,64 @@ def test_page_in_headless_chromium(tmp_path):
             browser.close()
     for name in ("empty", "results", "captions"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- a real index -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_index(fixtures_dir, tmp_path_factory):
+    """A small real index: the published-format fixture SGR with a shortlist head fitted in seconds."""
+    import torch
+
+    from test_train import write_scan_dataset
+    from vsl.retrieval import Index, build_index, fit_shortlist
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("serve_index")
+    data = write_scan_dataset(root, "coco_precomp", {"train": 60, "dev": 12, "test": 24}, img_dim=64,
+                              num_regions=36, extra_words=21, seed=5)
+    checkpoint = root / "sgr_sl.pth.tar"
+    fit_shortlist(fixtures_dir / "SGR_checkpoint.pth.tar", data["data_path"], checkpoint,
+                  vocab_path=data["vocab_path"], device="cpu", dim=16, epochs=30, batch_size=64,
+                  learning_rate=0.01, progress=False)
+    out = build_index(checkpoint, data["data_path"], "test", root / "index", vocab_path=data["vocab_path"],
+                      device="cpu", progress=False)
+    return Index.load(out)
+
+
+@pytest.mark.slow
+def test_real_index_through_the_api(real_index):
+    queries = ["a red dog and a blue car", "a green boat", "a white cat near a red dog", "a dog"]
+    with TestClient(create_app(real_index, workers=1, batch_window_ms=20), raise_server_exceptions=False) as c, \
+            ThreadPoolExecutor(len(queries)) as clients:
+        single = [c.get("/api/search", params={"q": q, "k": 5, "shortlist": 10}).json() for q in queries]
+        batched = list(clients.map(lambda q: c.get("/api/search", params={"q": q, "k": 5, "shortlist": 10}).json(),
+                                   queries))
+        direct = real_index.search_text(queries, k=5, shortlist=10)
+        assert max(b["batch_size"] for b in batched) > 1
+        for one, many, lib in zip(single, batched, direct):      # batching changes nothing in the answers
+            assert [h["id"] for h in one["results"]] == [h["id"] for h in many["results"]] == [h.id for h in lib.hits]
+            for a, b in zip(one["results"], many["results"]):
+                assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+                assert a["captions"] == real_index.captions_of_image(a["id"])
+        i2t = c.get("/api/search", params={"image_id": 3, "k": 7}).json()
+        assert i2t["image"]["captions"] == real_index.captions_of_image(3) and len(i2t["results"]) == 7
+        assert all(h["image_id"] == h["id"] // 5 for h in i2t["results"])
+        info = c.get("/api/info").json()
+        assert info["num_images"] == 24 and info["checkpoint_sha256"] == real_index.info()["checkpoint_sha256"]
+        for params, status, parameter in [({"q": "a dog", "k": 25}, 422, "k"), ({"image_id": 24}, 404, "image_id"),
+                                          ({"q": " "}, 422, "q"), ({"image_id": 0, "k": 121}, 422, "k")]:
+            r = c.get("/api/search", params=params)
+            assert r.status_code == status and r.json()["parameter"] == parameter
+        assert c.get("/api/search", params={"q": "zebra dog", "k": 2}).json()["unknown_words"] == ["zebra"]
+
+
+def test_serve_cli_bad_index_is_one_line_exit_2(tmp_path, capsys):
+    from vsl.cli import main
+
+    assert main(["serve", "--index", str(tmp_path / "nowhere"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vsl: error:") and "nowhere" in err and "\n" not in err
+    assert main(["serve", "--index", str(tmp_path), "--thumbnails", str(tmp_path / "none"), "--port", "0"]) == 2
+    assert "--thumbnails" in capsys.readouterr().err
+    assert main(["serve", "--index", str(tmp_path), "--max_batch", "0", "--port", "0"]) == 2
+    assert "--max_batch" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Query, Request
@@ -36,7 +36,7 @@ STATIC = Path(__file__).with_name("static")
 #: Longest accepted text query, in characters (the model's captions are a few dozen words; a longer
 #: "query" is a mistake or an abuse, and tokenising it would only cost time).
 MAX_QUERY_CHARS = 1000
-#: Largest ``k`` a client may ask for (beyond the gallery is an error, as asked for by the API).
+#: Results and shortlist size when a request does not say (``k`` beyond the gallery is an error).
 DEFAULT_K, DEFAULT_SHORTLIST = 10, 100
 
 log = logging.getLogger("vsl.serve")

@@ -67,19 +67,18 @@ def serve(index: Optional[PathLike] = None, host: str = DEFAULT_HOST, port: int 
     if thumbnails is not None and not Path(thumbnails).is_dir():
         raise ConfigError(f"--thumbnails {thumbnails}: not a folder (expected {{image_id}}.png files)")
     sock = bind(host, port)            # before the slow part: a busy port fails at once
-    import torch
-    import uvicorn
-
-    from ..device import resolve_device
-    from ..retrieval import Index
-    from .app import create_app
-
     try:
+        import torch
+        import uvicorn
+
+        from ..retrieval import Index
+        from .app import create_app
+
         if index is None:
             from .demo import build_demo_index
 
             index = build_demo_index(demo_dir, device=device).index_dir
-        loaded = Index.load(Path(index), device=str(resolve_device(device)))
+        loaded = Index.load(Path(index), device=device)
         # Each search thread runs its batch with its share of the cores.
         torch.set_num_threads(max(1, search_threads() // threads))
         app = create_app(loaded, workers=threads, batch_window_ms=batch_window_ms, max_batch=max_batch,

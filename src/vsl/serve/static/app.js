@@ -79,9 +79,11 @@ function shortlistText(body) {
 function renderImages(body, words) {
   els.results.className = "results";
   els.results.replaceChildren(...body.results.map((hit) => {
-    const card = el("button", { class: "card", type: "button", "data-id": hit.id,
-                                title: `Find the captions that best describe image ${hit.id}`,
-                                onclick: () => run({ image_id: hit.id }) });
+    const open = () => run({ image_id: hit.id });
+    // An <article> acting as a button (a <button> may not hold the caption list).
+    const card = el("article", { class: "card", role: "button", tabindex: "0", "data-id": hit.id,
+                                 title: `Find the captions that best describe image ${hit.id}`, onclick: open,
+                                 onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); } } });
     const thumb = thumbnail(hit.thumbnail, `image ${hit.id}`);
     thumb.append(el("span", { class: "rank" }, `#${hit.rank}`));
     const caps = el("ul", { class: "caps" }, ...hit.captions.map((c) => el("li", {}, highlighted(c, words))));
