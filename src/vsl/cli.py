@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from .config import MODULE_NAMES, PRECISIONS, PRESETS, SEMANTICS, VSL_RANKS, Config
+from .config import MODULE_NAMES, PRECISIONS, PRESETS, SEMANTICS, SHORTLIST_LOSSES, VSL_RANKS, Config
 from .errors import VSLError
 
 _DEFAULTS = Config.__dataclass_fields__
@@ -144,6 +144,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _config_option(loss, "--textual_semantic_loss", dest="textual_semantic_loss", action="store_true",
                    help="add the textual semantic loss of the ablation (ranks images per caption)")
 
+    head = parser.add_argument_group("shortlist head (two-stage retrieval; not in the paper)")
+    _config_option(head, "--shortlist_weight", dest="shortlist_weight", type=float,
+                   help="train a shortlist head jointly, its loss times this; 0 = the paper's objective")
+    _config_option(head, "--shortlist_dim", dest="shortlist_dim", type=int,
+                   help="size of the head's global vectors; 0 = no head (256 when --shortlist_weight is set)")
+    _config_option(head, "--shortlist_loss", dest="shortlist_loss", choices=SHORTLIST_LOSSES,
+                   help="the head's contrastive loss")
+
 
 def train_config(args: argparse.Namespace) -> Config:
     """Config of ``vsl train``: defaults < resumed checkpoint < preset < explicit flags."""
@@ -212,6 +220,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fp32 (exact), tf32 or bf16 scoring (default: the checkpoint's option, fp32)")
     parser.add_argument("--score_chunk", type=int, default=None,
                         help="elements of the largest scoring intermediate per chunk (default: automatic)")
+    parser.add_argument("--shortlist", type=int, default=None, metavar="K",
+                        help="two-stage evaluation: score only each query's top K by the shortlist head "
+                             "(a checkpoint from vsl fit-shortlist), rank the rest by shortlist score (default: off)")
+    parser.add_argument("--compare_exhaustive", action="store_true",
+                        help="with --shortlist: also score all pairs and report both (default: off)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -219,6 +232,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .distributed import cleanup, setup_distributed
     from .evaluation import evaluate
 
+    if args.shortlist is not None:
+        return run_eval_shortlist(args)
     info = setup_distributed(args.device)           # torchrun: split the scoring over the processes
     try:
         result = evaluate(args.checkpoint, args.data_path, args.split, args.protocol, vocab_path=args.vocab_path,
@@ -236,6 +251,41 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.output:
         print(f"wrote {args.output}")
     return 0
+
+
+def run_eval_shortlist(args: argparse.Namespace) -> int:
+    from .retrieval.twostage import evaluate_shortlist, format_shortlist
+
+    if args.save_sims:
+        from .errors import ConfigError
+        raise ConfigError("--save_sims needs the exhaustive score matrix; drop it or --shortlist")
+    result = evaluate_shortlist(args.checkpoint, args.data_path, args.split, args.protocol, shortlist=args.shortlist,
+                                compare_exhaustive=args.compare_exhaustive, vocab_path=args.vocab_path,
+                                data_name=args.data_name, device=args.device, batch_size=args.batch_size,
+                                output=args.output, progress=not args.quiet, precision=args.precision,
+                                score_chunk=args.score_chunk)
+    print(format_shortlist(result))
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# retrieval commands (vsl.retrieval.commands holds their options and output)
+# ------------------------------------------------------------------------------------------------
+def _add_retrieval_commands(sub) -> None:
+    from .retrieval import commands
+
+    for name, help_text, description, add, run in (
+            ("fit-shortlist", "fit a shortlist head on a frozen checkpoint", commands.FIT_DESCRIPTION,
+             commands.add_fit_arguments, commands.run_fit),
+            ("index", "encode a split or a feature folder into a searchable index", commands.INDEX_DESCRIPTION,
+             commands.add_index_arguments, commands.run_index),
+            ("search", "search an index: text -> images or image -> captions", commands.SEARCH_DESCRIPTION,
+             commands.add_search_arguments, commands.run_search)):
+        p = sub.add_parser(name, help=help_text, description=description, formatter_class=_Formatter)
+        add(p)
+        p.set_defaults(handler=run, command_parser=p)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compare them.", formatter_class=_Formatter)
     add_demo_arguments(p)
     p.set_defaults(handler=run_demo, command_parser=p)
+    _add_retrieval_commands(sub)
 
     p = sub.add_parser("serve", help="a search page and JSON API over an index (default: the demo's)",
                        description=SERVE_DESCRIPTION, formatter_class=_Formatter)
