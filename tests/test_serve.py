@@ -285,6 +285,30 @@ def test_different_k_or_direction_are_not_mixed_in_one_batch():
     assert sorted(index.calls) == [1, 1, 1]
 
 
+def test_batches_of_different_shortlist_sizes_never_overlap():
+    """Index tunes FAISS search depth per call from the shortlist size: such calls must not overlap."""
+    running, overlaps = {}, []
+    lock = threading.Lock()
+
+    def search(queries, k, shortlist):
+        with lock:
+            if any(s != shortlist and n for s, n in running.items()):
+                overlaps.append(shortlist)
+            running[shortlist] = running.get(shortlist, 0) + 1
+        time.sleep(0.02)
+        with lock:
+            running[shortlist] -= 1
+        return [Result(q, [], [], k, shortlist) for q in queries]
+
+    async def go(batcher):
+        return await asyncio.gather(*(batcher.submit(("text", 1, s), search, f"q{i}", 1, s)
+                                      for i, s in enumerate([10, 10, 50, 10, 50, 100, 10] * 3)))
+
+    with ThreadPoolExecutor(4) as pool:
+        out = asyncio.run(go(QueryBatcher(pool, workers=4, window_s=0.0, max_batch=2)))
+    assert [r.shortlist for r, _ in out] == [10, 10, 50, 10, 50, 100, 10] * 3 and not overlaps
+
+
 def test_a_user_error_in_a_batch_fails_only_its_query():
     index = FakeIndex(fail_on="bad")
     with ThreadPoolExecutor(1) as pool:
