@@ -161,7 +161,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
                            "max_query_chars": MAX_QUERY_CHARS, "batches": batcher.batches,
                            "queries": batcher.queries}}
 
-    @app.get("/api/search", summary="text -> image (q) or image -> text (image_id)")
+    @app.get("/api/search", summary="text -> image (q) or image -> text (image_id)", response_class=JSONResponse)
     async def search(
         q: Optional[str] = Query(None, description=f"text query (1 to {MAX_QUERY_CHARS} characters)"),
         image_id: Optional[int] = Query(None, description="gallery image to search captions for"),
@@ -169,7 +169,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
                                                      f"default {DEFAULT_K} or the gallery size if smaller)"),
         shortlist: int = Query(DEFAULT_SHORTLIST,
                                description="shortlist size re-ranked by the exact model; 0 = exhaustive"),
-    ) -> Dict[str, Any]:
+    ) -> JSONResponse:
         t0 = time.perf_counter()
         if (q is None) == (image_id is None):
             raise ParameterError("q", "give either q (text -> image) or image_id (image -> text)")
@@ -204,7 +204,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
                 hit["image_id"] = hit["id"] // per_image if per_image else None
         body["batch_size"] = batch
         body["server_seconds"] = time.perf_counter() - t0
-        return body
+        return JSONResponse(body)          # plain JSON: the body needs no response-model validation
 
     async def _search(parameter: str, key, search, query, k: int, shortlist: int):
         try:
