@@ -15,7 +15,7 @@ Settings, compared in the same run:
 * batched with a 5 ms window, and with one search thread instead of one per core.
 
 For each: errors (non-200 answers or failed connections; must be 0), latency percentiles as the
-client sees them, queries/s, the mean batch size (from ``/api/info``), and the same percentiles for
+client sees them, queries/s, the mean batch size (from ``/api/info``), and the median latency of
 ``--single`` queries sent one at a time (what the collection window costs an idle server).
 The client runs in this process (asyncio + httpx) and shares the CPU with the server, as a local
 user's browser would.

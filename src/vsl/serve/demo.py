@@ -12,7 +12,8 @@ In the demo working folder (``./vsl-demo`` by default, shared with ``vsl demo``)
 
 Every step is skipped when its output is already there (outputs are written atomically, the
 index's manifest last), so a second ``vsl serve`` starts in seconds and an interrupted first one
-continues where it stopped.
+continues at the step where it stopped (a training run stopped midway starts over; an index build
+resumes at its block).
 """
 from __future__ import annotations
 
