@@ -21,6 +21,7 @@ from vsl.evaluation import evaluate
 from vsl.models.shortlist import ShortlistHead, masked_mean, shortlist_loss
 from vsl.retrieval import Index, build_index, evaluate_shortlist, fit_shortlist, shortlist_ranks
 from vsl.retrieval import index as index_mod
+from vsl.retrieval.gallery import Gallery
 
 TEST_IMAGES = 24
 
@@ -165,6 +166,7 @@ def test_fit_shortlist_cli_reports_recall_and_writes_the_checkpoint(published, d
     assert read_checkpoint(out)["config"].shortlist_dim == 8
 
 
+@pytest.mark.slow
 def test_joint_training_adds_the_head_loss_and_saves_the_head(data, tmp_path):
     from vsl.logs import read_metrics
 
@@ -253,9 +255,8 @@ def test_queries_file_is_batched_and_unknown_words_warn(index_dir, tmp_path, cap
 
 
 def test_interrupted_build_resumes_at_the_block_where_it_stopped(fitted, data, tmp_path, monkeypatch, index_dir):
-    monkeypatch.setattr(index_mod, "BLOCK_IMAGES", 5)
     calls = {"n": 0}
-    original = index_mod.Gallery.read
+    original = Gallery.read
 
     def failing_read(self, start, stop):
         calls["n"] += 1
@@ -263,20 +264,20 @@ def test_interrupted_build_resumes_at_the_block_where_it_stopped(fitted, data, t
             raise KeyboardInterrupt
         return original(self, start, stop)
 
-    monkeypatch.setattr(index_mod.Gallery, "read", failing_read)
+    monkeypatch.setattr(Gallery, "read", failing_read)
     out = tmp_path / "idx"
     with pytest.raises(KeyboardInterrupt):
         build_index(fitted[0], data["data_path"], "test", out, vocab_path=data["vocab_path"], device="cpu",
-                    progress=False, batch_size=5)
+                    progress=False, batch_size=5, block_images=5)
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="did not finish"):
         Index.load(out)
     done = json.loads((out / "progress-images-r0.json").read_text())["blocks"]
     assert done == [0, 1]
     read = []
-    monkeypatch.setattr(index_mod.Gallery, "read", lambda self, a, b: read.append(a) or original(self, a, b))
+    monkeypatch.setattr(Gallery, "read", lambda self, a, b: read.append(a) or original(self, a, b))
     build_index(fitted[0], data["data_path"], "test", out, vocab_path=data["vocab_path"], device="cpu",
-                progress=False, batch_size=5)
+                progress=False, batch_size=5, block_images=5)
     assert min(read) == 10                                        # blocks 0 and 1 were not encoded again
     for name in ("images.regions.npy", "images.global.npy", "captions.words.npy", "captions.global.npy"):
         np.testing.assert_array_equal(np.load(out / name), np.load(index_dir / name))
@@ -397,3 +398,17 @@ def test_eval_shortlist_needs_a_head(published, data, capsys):
     rc = main(["eval", "--checkpoint", published, "--data_path", data["data_path"], "--vocab_path",
                data["vocab_path"], "--shortlist", "10", "--quiet"])
     assert rc == 2 and "vsl fit-shortlist" in _error(capsys)
+
+
+@pytest.mark.slow
+def test_torchrun_index_splits_the_blocks_and_matches_one_process(fitted, data, tmp_path, index_dir):
+    from test_distributed import torchrun
+
+    out = tmp_path / "idx"
+    torchrun("index", "--checkpoint", str(fitted[0]), "--data_path", data["data_path"], "--vocab_path",
+             data["vocab_path"], "--out", str(out), "--block_images", "5", "--quiet", "--device", "cpu")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_images"] == TEST_IMAGES and not list(out.glob("progress-*.json"))
+    for name in ("images.regions.npy", "images.global.npy", "captions.words.npy", "captions.global.npy"):
+        np.testing.assert_allclose(np.load(out / name), np.load(index_dir / name), atol=1e-6)
+    assert Index.load(out).search_text(["a red dog"], k=3)[0].hits

@@ -15,6 +15,7 @@ from typing import List
 
 from ..config import INDEX_DTYPES, INDEX_TYPES, SHORTLIST_LOSSES, Config
 from ..errors import ConfigError, DataError
+from .index import BLOCK_IMAGES
 
 _DEFAULTS = Config.__dataclass_fields__
 
@@ -36,8 +37,8 @@ original weights unchanged plus the head:
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="frozen checkpoint (required)")
-    parser.add_argument("--out", required=True, help="checkpoint to write, with the head (required)")
+    parser.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS, help="frozen checkpoint (required)")
+    parser.add_argument("--out", required=True, default=argparse.SUPPRESS, help="checkpoint to write, with the head (required)")
     parser.add_argument("--data_path", default=None, help="data folder (default: the checkpoint's)")
     parser.add_argument("--vocab_path", default=None, help="vocabulary folder (default: the checkpoint's)")
     parser.add_argument("--data_name", default=None, help="dataset name (default: the checkpoint's)")
@@ -53,7 +54,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"Adam learning rate (default: {_default('shortlist_learning_rate')})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and batches")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -97,8 +98,8 @@ command runs again; under torchrun each process encodes its own blocks.
 
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint with a shortlist head (required)")
-    parser.add_argument("--out", required=True, help="index folder (required)")
+    parser.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS, help="checkpoint with a shortlist head (required)")
+    parser.add_argument("--out", required=True, default=argparse.SUPPRESS, help="index folder (required)")
     parser.add_argument("--data_path", default=None, help="data folder (default: the checkpoint's)")
     parser.add_argument("--split", default="test", help="split to index")
     parser.add_argument("--features", default=None,
@@ -110,8 +111,10 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index_type", choices=INDEX_TYPES, default="flat",
                         help="FAISS index: flat = exact inner product; hnsw / ivf = approximate, for large galleries")
     parser.add_argument("--batch_size", type=int, default=128, help="images/captions per encoding batch")
+    parser.add_argument("--block_images", type=int, default=BLOCK_IMAGES,
+                        help="images per resumable block (and per torchrun share unit)")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
 
 
 def run_index(args: argparse.Namespace) -> int:
@@ -123,7 +126,7 @@ def run_index(args: argparse.Namespace) -> int:
         out = build_index(args.checkpoint, args.data_path, args.split, args.out, data_name=args.data_name,
                           vocab_path=args.vocab_path, features=args.features, dtype=args.dtype,
                           index_type=args.index_type, batch_size=args.batch_size, device=args.device,
-                          progress=not args.quiet, distributed=info)
+                          progress=not args.quiet, distributed=info, block_images=args.block_images)
     finally:
         if info is not None:
             cleanup()
@@ -148,16 +151,16 @@ exact model (--shortlist 0: the whole gallery exactly):
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", required=True, help="index folder of vsl index (required)")
+    parser.add_argument("--index", required=True, default=argparse.SUPPRESS, help="index folder of vsl index (required)")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", help="a text query (text -> images)")
-    what.add_argument("--queries", metavar="FILE", help="a file of text queries, one per line")
-    what.add_argument("--image_id", type=int, help="a gallery image (image -> captions)")
+    what.add_argument("--text", help="a text query (text -> images) (default: none)")
+    what.add_argument("--queries", metavar="FILE", help="a file of text queries, one per line (default: none)")
+    what.add_argument("--image_id", type=int, help="a gallery image (image -> captions) (default: none)")
     parser.add_argument("--k", type=int, default=10, help="results per query")
     parser.add_argument("--shortlist", type=int, default=100,
                         help="candidates re-ranked by the exact model; 0 = exhaustive exact scoring")
-    parser.add_argument("--json", action="store_true", help="one JSON object per query on standard output")
-    parser.add_argument("--checkpoint", default=None, help="the index's checkpoint (default: the manifest's path)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per query on standard output (default: off)")
+    parser.add_argument("--checkpoint", default=None, help="the index's checkpoint (default: the path in its manifest)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
 

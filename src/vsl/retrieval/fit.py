@@ -18,10 +18,9 @@ import torch
 
 from ..checkpoint import load_state, read_checkpoint, save_checkpoint
 from ..config import SHORTLIST_DIM, SHORTLIST_LOSSES
-from ..data import PrecompDataset, check_finite
+from ..data import PrecompDataset, check_finite, check_fits
 from ..device import resolve_device
 from ..errors import ConfigError
-from ..data import check_fits
 from ..evaluation import load_for_eval, pad_token_ids
 from ..fileio import check_writable
 from ..logs import progress_bar

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from ..config import INDEX_DTYPES, INDEX_TYPES
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fileio import atomic_write, atomic_write_text, check_writable
 from ..logs import progress_bar
-from .gallery import Gallery, feature_gallery, split_gallery
+from .gallery import feature_gallery, split_gallery
 
 PathLike = Union[str, os.PathLike]
 INDEX_FORMAT = "vsl-index-1"
@@ -182,7 +181,8 @@ def _open_array(path: Path, shape: Tuple[int, ...], dtype, fresh: bool) -> np.nd
 def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, split: str = "test",
                 out: PathLike = "index", *, data_name: Optional[str] = None, vocab_path: Optional[PathLike] = None,
                 features: Optional[PathLike] = None, dtype: str = "float16", index_type: str = "flat",
-                batch_size: int = 128, device: str = "auto", progress: bool = True, distributed=None) -> Path:
+                batch_size: int = 128, device: str = "auto", progress: bool = True, distributed=None,
+                block_images: int = BLOCK_IMAGES, block_captions: int = BLOCK_CAPTIONS) -> Path:
     """Encode a split (or a pure image gallery: ``features``, a folder of ``.npy`` files) into ``out``.
 
     ``checkpoint`` must have a shortlist head. Returns the index folder. ``distributed`` (a
@@ -198,8 +198,8 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
         raise ConfigError(f"index dtype must be one of {INDEX_DTYPES}, got {dtype!r}")
     if index_type not in INDEX_TYPES:
         raise ConfigError(f"index type must be one of {INDEX_TYPES}, got {index_type!r}")
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    if batch_size < 1 or block_images < 1 or block_captions < 1:
+        raise ConfigError(f"batch and block sizes must be positive, got {batch_size}, {block_images}, {block_captions}")
     rank = distributed.rank if distributed is not None else 0
     is_main = rank == 0
     out = Path(out)
@@ -228,7 +228,8 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     options = {"format": INDEX_FORMAT, "checkpoint_sha256": sha256_file(checkpoint), "dtype": dtype,
                "index_type": index_type, "num_images": n, "num_captions": m, "embed_size": d,
-               "shortlist_dim": dim, "num_regions": gallery.num_regions, **source}
+               "shortlist_dim": dim, "num_regions": gallery.num_regions, "block_images": block_images,
+               "block_captions": block_captions, **source}
 
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
@@ -258,11 +259,11 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
     # Images: region embeddings and global vectors, block by block.
     regions = np.lib.format.open_memmap(out / FILES["regions"], mode="r+")
     img_global = np.lib.format.open_memmap(out / FILES["image_global"], mode="r+")
-    blocks = [b for b in _block_range(-(-n // BLOCK_IMAGES), distributed) if b not in img_done]
+    blocks = [b for b in _block_range(-(-n // block_images), distributed) if b not in img_done]
     bar = progress_bar(n, "index images", enabled=show, unit="img", unit_scale=True,
-                       initial=min(n, len(img_done) * BLOCK_IMAGES))
+                       initial=min(n, len(img_done) * block_images))
     for b in blocks:
-        lo, hi = b * BLOCK_IMAGES, min(n, (b + 1) * BLOCK_IMAGES)
+        lo, hi = b * block_images, min(n, (b + 1) * block_images)
         for i in range(lo, hi, batch_size):
             j = min(hi, i + batch_size)
             emb = model.encode_images(torch.from_numpy(gallery.read(i, j)).to(dev))
@@ -280,11 +281,11 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
         ids, lens = pad_token_ids(tokens)
         words = np.lib.format.open_memmap(out / FILES["words"], mode="r+")
         cap_global = np.lib.format.open_memmap(out / FILES["caption_global"], mode="r+")
-        blocks = [b for b in _block_range(-(-m // BLOCK_CAPTIONS), distributed) if b not in cap_done]
+        blocks = [b for b in _block_range(-(-m // block_captions), distributed) if b not in cap_done]
         bar = progress_bar(m, "index captions", enabled=show, unit="cap", unit_scale=True,
-                           initial=min(m, len(cap_done) * BLOCK_CAPTIONS))
+                           initial=min(m, len(cap_done) * block_captions))
         for b in blocks:
-            lo, hi = b * BLOCK_CAPTIONS, min(m, (b + 1) * BLOCK_CAPTIONS)
+            lo, hi = b * block_captions, min(m, (b + 1) * block_captions)
             for i in range(lo, hi, batch_size):
                 j = min(hi, i + batch_size)
                 batch_lens = lens[i:j]

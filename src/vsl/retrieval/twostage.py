@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -51,8 +50,6 @@ def two_stage_block(model, emb, k: int, captions_per_image: int) -> Dict:
 
     Returns ``{"metrics": retrieval_metrics-form dict, "pairs_scored", "shortlist_ranks": (i2t, t2i)}``.
     """
-    from .recall import shortlist_ranks
-
     head = model.shortlist
     img_vecs = head.images(emb.images).float()
     cap_vecs = head.captions(emb.captions, emb.lengths.to(emb.captions.device)).float()
