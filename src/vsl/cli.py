@@ -3,6 +3,7 @@
 * ``vsl train``: the published ``train.py`` flags, verbatim, plus the VSL options -> :func:`vsl.train.train`
 * ``vsl eval``: one checkpoint or two (SGRAF ensemble) on a split and protocol -> :func:`vsl.evaluate.evaluate`
 * ``vsl make-demo-data`` / ``vsl demo``: the procedural demo dataset and the demo run.
+* ``vsl serve``: the search page and JSON API over an index -> :func:`vsl.serve.serve`
 
 User errors (:class:`vsl.errors.VSLError`) print ``vsl: error: <one line>`` and exit with status 2.
 """
@@ -317,6 +318,47 @@ def run_make_demo_data(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# vsl serve
+# ------------------------------------------------------------------------------------------------
+SERVE_DESCRIPTION = """\
+Serve a search page (/) and a JSON API (/api/search, /api/info, /api/health; docs at /docs) over an
+index written by `vsl index`. The model and index are loaded once; searches run on a thread pool,
+queries arriving within --batch_window_ms of each other share one batched search.
+
+With no --index, serves the demo: builds once (cached in --demo_dir) the demo dataset, an SGR+VSL
+model trained with the demo recipe, its shortlist head and the test split's index.
+"""
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", metavar="DIR", default=None,
+                        help="index folder written by `vsl index` (default: the demo index, built once)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless told otherwise)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
+    parser.add_argument("--workers", type=int, default=0, help="search threads (0 = one per CPU core)")
+    parser.add_argument("--batch_window_ms", type=float, default=2.0,
+                        help="how long a query waits for others to share its batched search")
+    parser.add_argument("--max_batch", type=int, default=32, help="largest batch of queries (1 = no batching)")
+    parser.add_argument("--thumbnails", metavar="DIR", default=None,
+                        help="folder of {image_id}.png pictures of the gallery (default: the demo's, "
+                             "or none)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--demo_dir", metavar="DIR", default="./vsl-demo",
+                        help="working folder of the demo index (used without --index)")
+    parser.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info",
+                        help="uvicorn's log level")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.index, args.host, args.port, workers=args.workers or None, batch_window_ms=args.batch_window_ms,
+          max_batch=args.max_batch, thumbnails=args.thumbnails, device=args.device, demo_dir=args.demo_dir,
+          log_level=args.log_level)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .demo.data import add_arguments as add_demo_data_arguments
@@ -348,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(p)
     p.set_defaults(handler=run_demo, command_parser=p)
     _add_retrieval_commands(sub)
+
+    p = sub.add_parser("serve", help="a search page and JSON API over an index (default: the demo's)",
+                       description=SERVE_DESCRIPTION, formatter_class=_Formatter)
+    add_serve_arguments(p)
+    p.set_defaults(handler=run_serve, command_parser=p)
     return parser
 
 
