@@ -221,3 +221,38 @@ def test_bag_of_words_baseline_learns_but_is_far_from_perfect(splits):
     t2i_r1 = (scores.argmax(0) == np.arange(5 * n) // 5).mean()
     # chance: 1/n = 0.5% for both directions
     assert 0.2 < t2i_r1 < 0.9 and 0.2 < i2t_r1 < 0.95, (i2t_r1, t2i_r1)
+
+
+# --- thumbnails ---------------------------------------------------------------------------------
+def test_every_image_gets_a_thumbnail_of_its_scene(demo):
+    from PIL import Image
+
+    from vsl.demo.thumbnails import PALETTE, SIZE
+
+    out, _ = demo
+    scenes = dd.sample_scenes(SPEC, "test")
+    for split in dd.DEMO_SPLITS:
+        folder = dd.thumbnails_dir(out, split)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(f"{i}.png" for i in range(SPEC.images(split)))
+    for i in range(5):
+        img = Image.open(dd.thumbnails_dir(out, "test") / f"{i}.png")
+        assert img.format == "PNG" and img.size == SIZE
+        colours = {rgb for _, rgb in img.convert("RGB").getcolors(SIZE[0] * SIZE[1])}
+        shown = {dd.COLORS[c] for c in scenes.colors[i] if c >= 0}
+        for name in shown:          # each object's colour is on the picture (up to quantisation)
+            assert min(sum(abs(a - b) for a, b in zip(PALETTE[name], rgb)) for rgb in colours) < 30, (i, name)
+    pictures = {(dd.thumbnails_dir(out, "test") / f"{i}.png").read_bytes() for i in range(20)}
+    assert len(pictures) == 20                                     # different scenes, different pictures
+
+
+def test_thumbnails_are_optional_and_part_of_the_cache_key(tmp_path):
+    make_demo_data(tmp_path, TINY, thumbnails=False)
+    assert not dd.thumbnails_dir(tmp_path, "test").exists()
+    assert demo_data_ready(tmp_path, TINY) and not demo_data_ready(tmp_path, TINY, thumbnails=True)
+    make_demo_data(tmp_path, TINY)                                  # thumbnails asked for: drawn now
+    assert demo_data_ready(tmp_path, TINY, thumbnails=True)
+    (dd.thumbnails_dir(tmp_path, "dev") / "3.png").unlink()         # a missing picture
+    assert not demo_data_ready(tmp_path, TINY, thumbnails=True)
+    make_demo_data(tmp_path, TINY)
+    assert (dd.thumbnails_dir(tmp_path, "dev") / "3.png").is_file()
+    assert not list(tmp_path.rglob("*.tmp")), "temporary folders left behind"

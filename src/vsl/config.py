@@ -16,6 +16,11 @@ MODULE_NAMES = ("SGR", "SAF")
 VSL_RANKS = ("released", "per-image")
 SEMANTICS = ("tfidf", "cider")
 PRECISIONS = ("fp32", "tf32", "bf16")
+SHORTLIST_LOSSES = ("infonce", "hinge")
+INDEX_TYPES = ("flat", "hnsw", "ivf")          # FAISS index of the shortlist vectors (vsl index)
+INDEX_DTYPES = ("float16", "float32")          # storage of an index's region and word embeddings
+#: Size of the shortlist head's vectors when a run asks for a head without naming its size.
+SHORTLIST_DIM = 256
 
 
 @dataclass
@@ -24,7 +29,8 @@ class Config:
 
     Model fields (used by :func:`vsl.model.build_model`): ``module_name``, ``img_dim``,
     ``word_dim``, ``embed_size``, ``sim_dim``, ``num_layers``, ``bi_gru``, ``no_imgnorm``,
-    ``no_txtnorm``, ``sgr_step``, ``vocab_size``, ``num_regions``.
+    ``no_txtnorm``, ``sgr_step``, ``vocab_size``, ``num_regions``, and ``shortlist_dim`` (the
+    optional shortlist head of two-stage retrieval, :mod:`vsl.models.shortlist`).
     """
 
     # --- data ---
@@ -78,6 +84,15 @@ class Config:
     plateau_log_steps: int = 5                 # ... at this many consecutive log steps (0: no detection)
     stop_on_plateau: int = 0                   # stop after this many iterations on the plateau (0: never)
 
+    # --- shortlist head (two-stage retrieval; not in the paper, off by default) ---
+    shortlist_dim: int = 0                     # size of the global vectors; 0 = no head (the paper's model)
+    shortlist_weight: float = 0.0              # weight of the head's loss in vsl train; 0 = paper objective
+    shortlist_loss: str = "infonce"            # "infonce" or "hinge"
+    shortlist_temperature: float = 0.05        # InfoNCE temperature
+    shortlist_epochs: int = 20                 # vsl fit-shortlist: epochs over the frozen embeddings
+    shortlist_batch_size: int = 256            # vsl fit-shortlist: captions per step
+    shortlist_learning_rate: float = 0.001     # vsl fit-shortlist: Adam, cosine decay to 0
+
     # --- run ---
     seed: int = 0
     device: str = "auto"
@@ -110,6 +125,20 @@ class Config:
             raise ConfigError(f"plateau_std must be >= 0, got {self.plateau_std}")
         if self.module_name == "SGR" and self.sgr_step < 1:
             raise ConfigError(f"sgr_step must be positive for SGR, got {self.sgr_step}")
+        if self.shortlist_loss not in SHORTLIST_LOSSES:
+            raise ConfigError(f"shortlist_loss must be one of {SHORTLIST_LOSSES}, got {self.shortlist_loss!r}")
+        if self.shortlist_dim < 0 or self.shortlist_weight < 0:
+            raise ConfigError(f"shortlist_dim and shortlist_weight must be >= 0, got {self.shortlist_dim} "
+                              f"and {self.shortlist_weight}")
+        for name in ("shortlist_epochs", "shortlist_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (self.shortlist_temperature > 0 and self.shortlist_learning_rate > 0):
+            raise ConfigError(f"shortlist_temperature and shortlist_learning_rate must be positive, got "
+                              f"{self.shortlist_temperature} and {self.shortlist_learning_rate}")
+        if self.shortlist_weight > 0 and self.shortlist_dim == 0:
+            # Asking for the head's loss asks for the head: give it the default size.
+            self.shortlist_dim = SHORTLIST_DIM
 
     # -- conversion -----------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:

@@ -17,6 +17,9 @@ to bound memory) instead of the published loop over captions. Two exact rewrites
   ``q_a . k_b`` that do not depend on the key node ``b`` cancel in the softmax over ``b``;
 * the last reasoning step only computes node 0, the only node that is read.
 
+:meth:`SimilarityEncoder.score_pairs` scores chosen (image, caption) pairs only, with the same
+arithmetic: the exact re-ranking stage of two-stage retrieval (:mod:`vsl.retrieval`).
+
 Parameter names match the published checkpoints (``v_global_w``, ``SGR_module.0.graph_query_w``...).
 """
 from __future__ import annotations
@@ -201,6 +204,16 @@ def scan_text_to_image_attention(images: torch.Tensor, words: torch.Tensor,
     weights = (logits.exp_() if inplace else logits.exp()).view(n, num_regions, m * length)
     context = torch.bmm(weights.transpose(1, 2), images)                    # (n, m*L, d)
     return _l2norm_(context, inplace).view(n, m, length, d)
+
+
+def paired_text_to_image_attention(images: torch.Tensor, words: torch.Tensor,
+                                   smooth: float = ATTENTION_SMOOTH) -> torch.Tensor:
+    """:func:`scan_text_to_image_attention` for aligned pairs: ``images (P, R, d)``, ``words (P, L, d)``
+    -> ``(P, L, d)`` l2-normalised contexts (no autograd; in place)."""
+    logits = F.leaky_relu(torch.bmm(images, words.transpose(1, 2)), 0.1, inplace=True)    # (P, R, L)
+    logits.mul_(smooth / (torch.linalg.vector_norm(logits, dim=2, keepdim=True) + 1e-8))
+    context = torch.bmm(logits.exp_().transpose(1, 2), images)                           # (P, L, d)
+    return _l2norm_(context, True)
 
 
 def _l2norm_(x: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -422,6 +435,77 @@ class SimilarityEncoder(nn.Module):
         bn.running_var.mul_((1 - a) ** m).add_(a * (decay * unbiased).sum())
         bn.num_batches_tracked.add_(m)
 
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_pairs(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor,
+                    image_index: torch.Tensor, caption_index: torch.Tensor,
+                    chunk_elements: Optional[int] = None) -> torch.Tensor:
+        """Scores of chosen pairs only: ``(P,)`` for image ``image_index[p]`` x caption ``caption_index[p]``.
+
+        ``img_emb (n, R, d)``, ``cap_emb (m, L, d)``, ``lengths (m,)``; the same arithmetic as
+        :meth:`forward` (eval mode) on each pair, so a re-ranked shortlist gets the exhaustive
+        scores (to float rounding). Pairs are processed in chunks of captions of one length.
+        """
+        if self.training:
+            raise ValueError("score_pairs needs eval mode")
+        lengths = torch.as_tensor(lengths, device=cap_emb.device).long()
+        image_index = torch.as_tensor(image_index, device=img_emb.device).long()
+        caption_index = torch.as_tensor(caption_index, device=cap_emb.device).long()
+        P = image_index.numel()
+        if P == 0:
+            return img_emb.new_zeros(0)
+        max_len = int(lengths.max())
+        cap_emb = cap_emb[:, :max_len]
+        word_mask = torch.arange(max_len, device=cap_emb.device) < lengths.unsqueeze(1)
+        cap_emb = cap_emb * word_mask.unsqueeze(-1).to(cap_emb.dtype)
+        img_glo = self.v_global_w(img_emb)                                    # (n, d)
+        cap_glo = self.t_global_w(cap_emb, word_mask)                         # (m, d)
+        d = img_emb.size(-1)
+        budget = chunk_elements or default_chunk_elements(img_emb.device, d)
+        pair_lengths = lengths[caption_index]
+        order = torch.argsort(pair_lengths, descending=True, stable=True)
+        sorted_lengths = pair_lengths[order].tolist()
+        out = img_emb.new_empty(P)
+        start = 0
+        while start < P:
+            L = sorted_lengths[start]
+            stop = start + 1
+            # a run of pairs whose captions have this length, at most ``budget`` elements
+            step = max(1, budget // (max(1, L + 1) * d))
+            hi = min(P, start + step)
+            while stop < hi and sorted_lengths[stop] == L:
+                stop += 1
+            idx = order[start:stop]
+            ii, cc = image_index.index_select(0, idx), caption_index.index_select(0, idx)
+            # index_select, not advanced indexing: the gathers are ~2.5x faster (measured on CPU).
+            out.index_copy_(0, idx, self._score_pair_block(
+                img_emb.index_select(0, ii), img_glo.index_select(0, ii),
+                cap_emb[:, :L].index_select(0, cc), cap_glo.index_select(0, cc)))
+            start = stop
+        return out
+
+    def _score_pair_block(self, img: torch.Tensor, img_glo: torch.Tensor, cap: torch.Tensor,
+                          cap_glo: torch.Tensor) -> torch.Tensor:
+        """Scores of pairs ``img (P, R, d)`` x ``cap (P, L, d)`` (captions of one length) -> ``(P,)``."""
+        P, L = cap.size(0), cap.size(1)
+        context = paired_text_to_image_attention(img, cap)                    # (P, L, d)
+        diff = context.sub_(cap).square_()
+        glo_diff = img_glo - cap_glo
+        sim_glo = l2norm(self.sim_tranglo_w(glo_diff * glo_diff), dim=-1)     # (P, s)
+        sim_loc = self.sim_tranloc_w(diff)                                    # (P, L, s)
+        s = sim_loc.size(-1)
+        loc_norm = torch.linalg.vector_norm(sim_loc, dim=-1, keepdim=True)
+        nodes = sim_loc.new_empty(P, L + 1, s)
+        nodes[:, 0] = sim_glo
+        torch.div(sim_loc, loc_norm.add_(1e-8), out=nodes[:, 1:])
+        if self.module_name == "SGR":
+            for step in self.SGR_module[:-1]:
+                nodes = step(nodes, None)
+            vec = self.SGR_module[-1].forward_node0(nodes, None)
+        else:
+            node_mask = torch.ones(P, L + 1, dtype=torch.bool, device=cap.device)
+            vec = self._filtration(nodes.unsqueeze(0), node_mask)[0].squeeze(0)
+        return torch.sigmoid(self.sim_eval_w(vec)).squeeze(-1)
 
 
 def default_chunk_elements(device: torch.device, embed_size: int) -> int:

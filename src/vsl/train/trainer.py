@@ -47,6 +47,7 @@ from ..fileio import check_writable
 from ..logs import RunLogger, progress_bar
 from ..losses import VSLObjective
 from ..models import VSLModel, build_model
+from ..models.shortlist import shortlist_loss
 from ..precision import precision_context
 from .plateau import Plateau, PlateauDetector
 
@@ -148,6 +149,9 @@ class Trainer:
         self.dist = distributed if distributed is not None else vdist.DistInfo(device=resolve_device(config.device))
         self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
         self.device, self.progress = self.dist.device, progress and self.is_main
+        if self.world_size > 1 and config.shortlist_weight > 0:
+            raise ConfigError("--shortlist_weight is not supported under torchrun; train without it and fit "
+                              "the head afterwards with `vsl fit-shortlist`")
         if self.is_main:
             check_writable(config.model_name, "folder")
             check_writable(config.logger_name, "folder")
@@ -192,7 +196,7 @@ class Trainer:
     # --------------------------------------------------------------------------------------------
     def _load(self, path: Path) -> Optional[Dict[str, Any]]:
         ckpt = read_checkpoint(path)
-        load_state(self.model, ckpt["model"], path)
+        load_state(self.model, ckpt["model"], path, ckpt["shortlist"])
         if ckpt["optimizer"] is not None:
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -233,12 +237,27 @@ class Trainer:
     def train_step(self, batch) -> Dict[str, torch.Tensor]:
         """One optimisation step on a :class:`vsl.data.Batch`; returns the detached loss parts."""
         batch = batch.to(self.device, non_blocking=True)
+        head_loss = None
         with precision_context(self.config.precision, self.device):
-            scores = self.scorer(batch.images, batch.captions, batch.lengths)          # (B, B)
+            if self.config.shortlist_weight > 0:
+                # Joint shortlist head: the same scores as the scorer's, from embeddings it can share.
+                img_emb = self.model.encode_images(batch.images)                          # (B, R, d)
+                cap_emb = self.model.encode_captions(batch.captions, batch.lengths)       # (B, L, d)
+                scores = self.model.similarity(img_emb, cap_emb, batch.lengths)           # (B, B)
+                head = self.model.shortlist
+                head_loss = shortlist_loss(head.images(img_emb).float(),
+                                           head.captions(cap_emb, batch.lengths).float(), batch.image_ids,
+                                           loss=self.config.shortlist_loss,
+                                           temperature=self.config.shortlist_temperature)
+            else:
+                scores = self.scorer(batch.images, batch.captions, batch.lengths)      # (B, B)
         image_semantic, caption_semantic = batch.image_semantic, batch.caption_semantic
         if self.world_size > 1 and self.semantics is not None:
             image_semantic, caption_semantic = self._global_semantics(batch.caption_ids)
         parts = self.objective(scores.float(), image_semantic, caption_semantic)
+        if head_loss is not None:
+            parts["shortlist"] = head_loss
+            parts["loss"] = parts["loss"] + self.config.shortlist_weight * head_loss
         # The spread of the scores tells a collapsed matrix (the plateau) from a learning one.
         parts["score_std"] = scores.detach().float().std(correction=0)
         self.last_batch_size = scores.shape[0]
