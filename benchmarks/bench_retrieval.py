@@ -10,6 +10,8 @@
     # 3. text-query latency and memory against a large pure image gallery
     python benchmarks/bench_retrieval.py latency --checkpoint CK --features FEATURES --index_dir DIR \
         --queries_file CAPTIONS.txt [--queries 30] [--k 10] [--shortlist 100]
+    # 4. per-pair cost of the re-ranking scorer (score_pairs) against the all-pairs scorer, synthetic
+    python benchmarks/bench_retrieval.py pairs [--images 1000 --captions 5000 --k 100 --forward_images 100]
 
 ``eval`` times whole calls (checkpoint loading, tokenization, encoding, scoring, metrics):
 :func:`vsl.evaluation.evaluate` (exhaustive) and :func:`vsl.retrieval.evaluate_shortlist` for each
@@ -211,6 +213,50 @@ def run_sampled(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# pairs: per-pair cost of exact re-ranking against exhaustive scoring
+# --------------------------------------------------------------------------------------------
+def run_pairs(args) -> None:
+    """Microseconds per pair of ``score_pairs`` on the union of K-shortlists (synthetic embeddings,
+    COCO-like lengths, a shortlist correlated with the ground truth) and of ``forward`` (all pairs of
+    ``--forward_images`` images x all captions), medians of ``--repeats``, and their largest difference."""
+    from common import coco_like_lengths
+    from vsl.config import Config
+    from vsl.models import build_model
+    from vsl.retrieval.twostage import shortlist_pairs
+
+    torch.manual_seed(0)
+    n, m, d, s = args.images, args.captions, args.embed_size, args.sim_dim
+    lengths = coco_like_lengths(m, seed=1)
+    img = torch.nn.functional.normalize(torch.randn(n, 36, d), dim=-1)
+    cap = torch.nn.functional.normalize(torch.randn(m, int(lengths.max()), d), dim=-1)
+    cap = cap * (torch.arange(cap.size(1)) < lengths[:, None]).unsqueeze(-1)
+    iv = torch.nn.functional.normalize(torch.randn(n, 16), dim=-1)   # caption j describes image j * n // m
+    cv = torch.nn.functional.normalize(iv[torch.arange(m) * n // m] + 0.8 * torch.randn(m, 16), dim=-1)
+    _, _, _, pi, pc = shortlist_pairs(iv, cv, args.k)
+    f = args.forward_images
+    rows = []
+    for module in ("SGR", "SAF"):
+        sim = build_model(Config(module_name=module, img_dim=16, word_dim=8, embed_size=d, sim_dim=s,
+                                 vocab_size=30)).sim_enc.eval()
+        t_pairs, t_all = [], []
+        with torch.inference_mode():
+            for _ in range(args.repeats):            # interleaved, so that load changes hit both alike
+                t0 = time.perf_counter()
+                exact = sim.score_pairs(img, cap, lengths, pi, pc)
+                t_pairs.append((time.perf_counter() - t0) / pi.numel())
+                t0 = time.perf_counter()
+                full = sim(img[:f], cap, lengths)
+                t_all.append((time.perf_counter() - t0) / full.numel())
+        sel = pi < f
+        diff = float((exact[sel] - full[pi[sel], pc[sel]]).abs().max())
+        us_pairs, us_all = 1e6 * statistics.median(t_pairs), 1e6 * statistics.median(t_all)
+        rows.append([module, us_pairs, us_all, us_pairs / us_all, f"{diff:.1e}"])
+    print(f"\n{pi.numel():,} shortlisted pairs (K={args.k}, {n:,} images x {m:,} captions), all pairs of {f} images; "
+          f"embed {d}, sim {s}, torch threads {torch.get_num_threads()}, medians of {args.repeats}:\n")
+    print(markdown_table(["model", "score_pairs us/pair", "all-pairs us/pair", "ratio", "max |diff|"], rows))
+
+
+# --------------------------------------------------------------------------------------------
 # recall
 # --------------------------------------------------------------------------------------------
 def run_recall(args) -> None:
@@ -308,6 +354,14 @@ def main() -> None:
     p.add_argument("--ks", default="100")
     p.add_argument("--sample_images", type=int, default=100)
     p.add_argument("--sample_captions", type=int, default=500)
+    p = sub.add_parser("pairs")
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--captions", type=int, default=5000)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--forward_images", type=int, default=100)
+    p.add_argument("--embed_size", type=int, default=64)
+    p.add_argument("--sim_dim", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
     p = sub.add_parser("recall")
     p.add_argument("--checkpoint", action="append", required=True)
     p.add_argument("--data_path", required=True)
@@ -332,7 +386,7 @@ def main() -> None:
         q.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"eval": run_eval, "sampled": run_sampled, "recall": run_recall, "latency": run_latency,
+    {"eval": run_eval, "sampled": run_sampled, "pairs": run_pairs, "recall": run_recall, "latency": run_latency,
      "latency-worker": run_latency_worker}[args.what](args)
 
 

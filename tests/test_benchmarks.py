@@ -163,3 +163,15 @@ def test_benchmark_rejects_unknown_modes(bench):
         bench.parse_args(["--modules", "SGRAF"])
     args = bench.parse_args(["--precisions", "bf16", "--quick"])
     assert args.precisions == ["fp32", "bf16"] and args.images == bench.QUICK["images"]
+
+
+def test_bench_retrieval_pairs_smoke(capsys):
+    """bench_retrieval.py pairs: the re-ranking scorer's scores equal the all-pairs scores at toy size."""
+    import argparse
+    bench = load_benchmark("bench_retrieval")
+    bench.run_pairs(argparse.Namespace(images=12, captions=60, k=5, forward_images=6, embed_size=16, sim_dim=8,
+                                       repeats=1))
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| SGR") or line.startswith("| SAF")]
+    assert len(rows) == 2
+    assert all(float(row[5]) <= 1e-6 for row in rows)

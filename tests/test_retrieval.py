@@ -137,6 +137,28 @@ def test_score_pairs_equals_the_all_pairs_scores(module_name):
     torch.testing.assert_close(pairs, full[ii, cc], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("module_name", ["SGR", "SAF"])
+@pytest.mark.parametrize("chunk_elements", [None, 2000])
+def test_score_pairs_of_shortlists_equal_the_all_pairs_scores(module_name, chunk_elements):
+    # Shortlist unions: images with many and with few captions of a length, so that score_pairs pads
+    # groups (and drops the padding) and, with the small budget, splits a length over several calls.
+    from vsl.retrieval.twostage import shortlist_pairs
+
+    torch.manual_seed(1)
+    model = build_model(Config(module_name=module_name, img_dim=16, word_dim=8, embed_size=32, sim_dim=16,
+                               vocab_size=30, num_regions=36)).eval()
+    lengths = torch.randint(2, 6, (40,))
+    with torch.no_grad():
+        img = model.encode_images(torch.randn(12, 36, 16))
+        cap = model.encode_captions(torch.randint(4, 30, (40, 6)), lengths)
+        full = model.similarity(img, cap, lengths)
+        *_, ii, cc = shortlist_pairs(torch.randn(12, 3), torch.randn(40, 3), 5)
+        pairs = model.sim_enc.score_pairs(img, cap, lengths, ii, cc, chunk_elements=chunk_elements)
+    counts = torch.unique(lengths[cc] * 12 + ii, return_counts=True)[1]
+    assert counts.min() < counts.max()                                # groups of unequal size
+    torch.testing.assert_close(pairs, full[ii, cc], atol=1e-6, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # fit-shortlist
 # --------------------------------------------------------------------------------------------

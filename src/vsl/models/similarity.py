@@ -206,14 +206,20 @@ def scan_text_to_image_attention(images: torch.Tensor, words: torch.Tensor,
     return _l2norm_(context, inplace).view(n, m, length, d)
 
 
-def paired_text_to_image_attention(images: torch.Tensor, words: torch.Tensor,
-                                   smooth: float = ATTENTION_SMOOTH) -> torch.Tensor:
-    """:func:`scan_text_to_image_attention` for aligned pairs: ``images (P, R, d)``, ``words (P, L, d)``
-    -> ``(P, L, d)`` l2-normalised contexts (no autograd; in place)."""
-    logits = F.leaky_relu(torch.bmm(images, words.transpose(1, 2)), 0.1, inplace=True)    # (P, R, L)
-    logits.mul_(smooth / (torch.linalg.vector_norm(logits, dim=2, keepdim=True) + 1e-8))
-    context = torch.bmm(logits.exp_().transpose(1, 2), images)                           # (P, L, d)
-    return _l2norm_(context, True)
+def grouped_text_to_image_attention(images: torch.Tensor, words: torch.Tensor,
+                                    smooth: float = ATTENTION_SMOOTH) -> torch.Tensor:
+    """:func:`scan_text_to_image_attention` of each image against its own captions: ``images (G, R, d)``,
+    ``words (G, c, L, d)`` -> ``(G, c, L, d)`` l2-normalised contexts (no autograd; in place).
+
+    Group ``g`` is the dense block (image ``g`` x its ``c`` captions) of the all-pairs scorer, with the
+    same arithmetic: one ``(R, d) x (d, c L)`` product per image instead of one small product per pair.
+    """
+    G, c, L, d = words.shape
+    logits = F.leaky_relu(torch.bmm(images, words.view(G, c * L, d).transpose(1, 2)), 0.1, inplace=True)
+    logits = logits.view(G, -1, c, L)                                                      # (G, R, c, L)
+    logits.mul_(smooth / (torch.linalg.vector_norm(logits, dim=3, keepdim=True) + 1e-8))
+    context = torch.bmm(logits.exp_().view(G, -1, c * L).transpose(1, 2), images)         # (G, c L, d)
+    return _l2norm_(context, True).view(G, c, L, d)
 
 
 def _l2norm_(x: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -444,7 +450,11 @@ class SimilarityEncoder(nn.Module):
 
         ``img_emb (n, R, d)``, ``cap_emb (m, L, d)``, ``lengths (m,)``; the same arithmetic as
         :meth:`forward` (eval mode) on each pair, so a re-ranked shortlist gets the exhaustive
-        scores (to float rounding). Pairs are processed in chunks of captions of one length.
+        scores (to float rounding). Pairs are grouped by caption length, then by image: the
+        captions of one image and one length form a dense (1 image x c captions) block of
+        :meth:`forward`, so the attention is one matrix product per image (no gathered copy of
+        the image's regions per pair). Images with similar numbers of such captions are scored
+        together (padded to the largest; padding slots are dropped before the similarity stages).
         """
         if self.training:
             raise ValueError("score_pairs needs eval mode")
@@ -454,6 +464,7 @@ class SimilarityEncoder(nn.Module):
         P = image_index.numel()
         if P == 0:
             return img_emb.new_zeros(0)
+        n = img_emb.size(0)
         max_len = int(lengths.max())
         cap_emb = cap_emb[:, :max_len]
         word_mask = torch.arange(max_len, device=cap_emb.device) < lengths.unsqueeze(1)
@@ -462,34 +473,56 @@ class SimilarityEncoder(nn.Module):
         cap_glo = self.t_global_w(cap_emb, word_mask)                         # (m, d)
         d = img_emb.size(-1)
         budget = chunk_elements or default_chunk_elements(img_emb.device, d)
+        # Groups: pairs of one (caption length, image), longest captions first; within a length,
+        # groups with the most pairs first, so that the groups scored together pad little.
         pair_lengths = lengths[caption_index]
-        order = torch.argsort(pair_lengths, descending=True, stable=True)
-        sorted_lengths = pair_lengths[order].tolist()
+        group_key = (max_len - pair_lengths) * n + image_index
+        keys, group_of_pair, counts = torch.unique(group_key, return_inverse=True, return_counts=True)
+        group_len = max_len - keys // n                                       # (G,)
+        group_img = keys % n                                                  # (G,)
+        group_order = torch.argsort((max_len - group_len) * (P + 1) + (P - counts), stable=True)
+        rank_of_group = torch.argsort(group_order)
+        # Pairs in group order; ``first[g]``: position of group ``group_order[g]``'s first pair.
+        pair_order = torch.argsort(rank_of_group[group_of_pair], stable=True)
+        sorted_counts = counts[group_order]
+        first = torch.cumsum(sorted_counts, 0) - sorted_counts
+        host_len, host_counts = group_len[group_order].tolist(), sorted_counts.tolist()
+        num_groups = len(host_counts)
         out = img_emb.new_empty(P)
-        start = 0
-        while start < P:
-            L = sorted_lengths[start]
-            stop = start + 1
-            # a run of pairs whose captions have this length, at most ``budget`` elements
-            step = max(1, budget // (max(1, L + 1) * d))
-            hi = min(P, start + step)
-            while stop < hi and sorted_lengths[stop] == L:
+        g0 = 0
+        while g0 < num_groups:
+            L, c = host_len[g0], host_counts[g0]
+            # Groups of this length, padded to ``c`` captions, within the budget of ``pairs x (1 + L) x d``;
+            # stop where a group has under 3/4 of ``c`` pairs (at most a quarter of the slots are padding).
+            g1 = min(num_groups, g0 + max(1, budget // (c * max(1, L + 1) * d)))
+            stop = g0 + 1
+            while stop < g1 and host_len[stop] == L and 4 * host_counts[stop] >= 3 * c:
                 stop += 1
-            idx = order[start:stop]
-            ii, cc = image_index.index_select(0, idx), caption_index.index_select(0, idx)
+            cnt = sorted_counts[g0:stop]                                       # (g,)
+            slot = torch.arange(c, device=cnt.device)
+            valid = slot < cnt.unsqueeze(1)                                    # (g, c)
+            # Padding slots repeat the group's first pair; they are dropped after the attention.
+            pos = pair_order[first[g0:stop].unsqueeze(1) + slot * valid]       # (g, c) pair ids
+            imgs = group_img[group_order[g0:stop]]
             # index_select, not advanced indexing: the gathers are ~2.5x faster (measured on CPU).
+            words = cap_emb[:, :L].index_select(0, caption_index.index_select(0, pos.reshape(-1)))   # (g c, L, d)
+            context = grouped_text_to_image_attention(
+                img_emb.index_select(0, imgs), words.view(stop - g0, c, L, d)).view(-1, L, d)
+            diff = context.sub_(words).square_()                               # (g c, L, d)
+            idx = pos.reshape(-1)
+            if host_counts[stop - 1] < c:                                   # host copy: no device sync
+                keep = valid.reshape(-1).nonzero().squeeze(1)
+                idx, diff = idx.index_select(0, keep), diff.index_select(0, keep)
             out.index_copy_(0, idx, self._score_pair_block(
-                img_emb.index_select(0, ii), img_glo.index_select(0, ii),
-                cap_emb[:, :L].index_select(0, cc), cap_glo.index_select(0, cc)))
-            start = stop
+                diff, img_glo.index_select(0, image_index.index_select(0, idx)),
+                cap_glo.index_select(0, caption_index.index_select(0, idx))))
+            g0 = stop
         return out
 
-    def _score_pair_block(self, img: torch.Tensor, img_glo: torch.Tensor, cap: torch.Tensor,
-                          cap_glo: torch.Tensor) -> torch.Tensor:
-        """Scores of pairs ``img (P, R, d)`` x ``cap (P, L, d)`` (captions of one length) -> ``(P,)``."""
-        P, L = cap.size(0), cap.size(1)
-        context = paired_text_to_image_attention(img, cap)                    # (P, L, d)
-        diff = context.sub_(cap).square_()
+    def _score_pair_block(self, diff: torch.Tensor, img_glo: torch.Tensor, cap_glo: torch.Tensor) -> torch.Tensor:
+        """Scores of pairs from ``diff = (context - words)^2`` ``(P, L, d)`` (captions of one length),
+        ``img_glo (P, d)``, ``cap_glo (P, d)`` -> ``(P,)``."""
+        P, L = diff.size(0), diff.size(1)
         glo_diff = img_glo - cap_glo
         sim_glo = l2norm(self.sim_tranglo_w(glo_diff * glo_diff), dim=-1)     # (P, s)
         sim_loc = self.sim_tranloc_w(diff)                                    # (P, L, s)
@@ -503,7 +536,7 @@ class SimilarityEncoder(nn.Module):
                 nodes = step(nodes, None)
             vec = self.SGR_module[-1].forward_node0(nodes, None)
         else:
-            node_mask = torch.ones(P, L + 1, dtype=torch.bool, device=cap.device)
+            node_mask = torch.ones(P, L + 1, dtype=torch.bool, device=diff.device)
             vec = self._filtration(nodes.unsqueeze(0), node_mask)[0].squeeze(0)
         return torch.sigmoid(self.sim_eval_w(vec)).squeeze(-1)
 
