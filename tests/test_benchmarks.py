@@ -37,6 +37,12 @@ def test_benchmark_code_paths_on_a_tiny_split(shared_data_dir, tmp_path, monkeyp
     for mode in ("vsl", "tfidf", "memmap"):
         result = bench_data.measure(mode, tmp_path, batches=2, batch_size=16, seed=0)
         assert result["batches"] == 2 and result["peak_rss_mb"] > 0
+    # the tokenization timing: the baseline is the regex imitation, which splits "j.p. morgan"
+    assert bench_data.regex_imitation_tokenize("at a j.p. morgan race") == ["at", "a", "j.p", ".", "morgan", "race"]
+    captions = ["at a j.p. morgan race", "a dog . a cat", "a dog ."] * 2
+    timing = bench_data.measure_tokenize(captions, chunks=2)
+    assert (timing["captions"], timing["differ"], timing["punkt_decides"]) == (6, 2, 4)
+    assert timing["vsl_s"] > 0 and timing["baseline_s"] > 0
     bench_semantics.write_corpus(tmp_path / "corpus.txt", 30500)
     lines = read_captions(tmp_path / "corpus.txt")
     assert len(lines) == 30500 and lines[:30000] == bench_semantics.source_captions()
@@ -157,3 +163,15 @@ def test_benchmark_rejects_unknown_modes(bench):
         bench.parse_args(["--modules", "SGRAF"])
     args = bench.parse_args(["--precisions", "bf16", "--quick"])
     assert args.precisions == ["fp32", "bf16"] and args.images == bench.QUICK["images"]
+
+
+def test_bench_retrieval_pairs_smoke(capsys):
+    """bench_retrieval.py pairs: the re-ranking scorer's scores equal the all-pairs scores at toy size."""
+    import argparse
+    bench = load_benchmark("bench_retrieval")
+    bench.run_pairs(argparse.Namespace(images=12, captions=60, k=5, forward_images=6, embed_size=16, sim_dim=8,
+                                       repeats=1))
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| SGR") or line.startswith("| SAF")]
+    assert len(rows) == 2
+    assert all(float(row[5]) <= 1e-6 for row in rows)

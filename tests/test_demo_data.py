@@ -228,8 +228,8 @@ def _digest(folder):
     import hashlib
 
     h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != dd.MANIFEST:
+    for p in sorted(folder.rglob("*")):           # features, captions and vocabulary; not thumbnails
+        if p.is_file() and p.name != dd.MANIFEST and not any(part.endswith("_thumbs") for part in p.parts):
             h.update(str(p.relative_to(folder)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -276,3 +276,38 @@ def test_cli_difficulty_hard(tmp_path, capsys):
     assert rc == 0
     manifest = json.loads((tmp_path / "h" / dd.MANIFEST).read_text())
     assert manifest["spec"]["difficulty"] == "hard" and manifest["spec"]["feature_noise"] == 2.5
+
+
+# --- thumbnails ---------------------------------------------------------------------------------
+def test_every_image_gets_a_thumbnail_of_its_scene(demo):
+    from PIL import Image
+
+    from vsl.demo.thumbnails import PALETTE, SIZE
+
+    out, _ = demo
+    scenes = dd.sample_scenes(SPEC, "test")
+    for split in dd.DEMO_SPLITS:
+        folder = dd.thumbnails_dir(out, split)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(f"{i}.png" for i in range(SPEC.images(split)))
+    for i in range(5):
+        img = Image.open(dd.thumbnails_dir(out, "test") / f"{i}.png")
+        assert img.format == "PNG" and img.size == SIZE
+        colours = {rgb for _, rgb in img.convert("RGB").getcolors(SIZE[0] * SIZE[1])}
+        shown = {dd.COLORS[c] for c in scenes.colors[i] if c >= 0}
+        for name in shown:          # each object's colour is on the picture (up to quantisation)
+            assert min(sum(abs(a - b) for a, b in zip(PALETTE[name], rgb)) for rgb in colours) < 30, (i, name)
+    pictures = {(dd.thumbnails_dir(out, "test") / f"{i}.png").read_bytes() for i in range(20)}
+    assert len(pictures) == 20                                     # different scenes, different pictures
+
+
+def test_thumbnails_are_optional_and_part_of_the_cache_key(tmp_path):
+    make_demo_data(tmp_path, TINY, thumbnails=False)
+    assert not dd.thumbnails_dir(tmp_path, "test").exists()
+    assert demo_data_ready(tmp_path, TINY) and not demo_data_ready(tmp_path, TINY, thumbnails=True)
+    make_demo_data(tmp_path, TINY)                                  # thumbnails asked for: drawn now
+    assert demo_data_ready(tmp_path, TINY, thumbnails=True)
+    (dd.thumbnails_dir(tmp_path, "dev") / "3.png").unlink()         # a missing picture
+    assert not demo_data_ready(tmp_path, TINY, thumbnails=True)
+    make_demo_data(tmp_path, TINY)
+    assert (dd.thumbnails_dir(tmp_path, "dev") / "3.png").is_file()
+    assert not list(tmp_path.rglob("*.tmp")), "temporary folders left behind"

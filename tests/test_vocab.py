@@ -1,8 +1,11 @@
 import json
+import re
 
 import pytest
+from hypothesis import given, settings, strategies as st
+from nltk.tokenize.punkt import PunktSentenceTokenizer
 
-from vsl.data.vocab import SPECIAL_TOKENS, Vocabulary, tokenize, vocab_file
+from vsl.data.vocab import SPECIAL_TOKENS, Vocabulary, sentence_tokenizer, sentences, tokenize, vocab_file
 from vsl.errors import DataError, VSLError
 
 
@@ -17,12 +20,116 @@ from vsl.errors import DataError, VSLError
     ("A bird on a branch. The bird is yellow.", ["a", "bird", "on", "a", "branch", ".", "the", "bird", "is",
                                                  "yellow", "."]),
     ("Is it a cat? No!", ["is", "it", "a", "cat", "?", "no", "!"]),
-    # abbreviations keep their period
+    # abbreviations of the English Punkt model keep their period
     ("A statue of mr. lincoln", ["a", "statue", "of", "mr.", "lincoln"]),
+    ("a statue of mr. lincoln . st. louis arch", ["a", "statue", "of", "mr.", "lincoln", ".", "st.", "louis",
+                                                  "arch"]),
     ("  ", []),
+    ("", []),
 ])
 def test_tokenize_follows_treebank_conventions(text, expected):
     assert tokenize(text) == expected
+
+
+# The captions of issue 12 on which a regular-expression imitation of Punkt differed from
+# nltk.word_tokenize (expected tokens: nltk.word_tokenize with NLTK's English Punkt model).
+@pytest.mark.parametrize("text, expected", [
+    # "j.p" and "j.r" are abbreviations of the English model: no sentence break, the period stays
+    ("people waiting to speak into a microphone at a j.p. morgan corporate challenge .",
+     ["people", "waiting", "to", "speak", "into", "a", "microphone", "at", "a", "j.p.", "morgan", "corporate",
+      "challenge", "."]),
+    ("A boat named J.R. Tolkien is harbored along other boats",
+     ["a", "boat", "named", "j.r.", "tolkien", "is", "harbored", "along", "other", "boats"]),
+    # "l.a" too; Treebank turns both space-preceded '"' into ``
+    ('a group of youths , one wearing a t-shirt labeled " l.a. city lounge south " , pose for a picture',
+     ["a", "group", "of", "youths", ",", "one", "wearing", "a", "t-shirt", "labeled", "``", "l.a.", "city",
+      "lounge", "south", "``", ",", "pose", "for", "a", "picture"]),
+    # Punkt keeps the closing '' with the sentence it follows (boundary realignment), and Treebank reads
+    # a space-preceded '' as an opening quote
+    ("A frosted cake that reads `` congratulations kate and luke on your upcoming arrival . ''",
+     ["a", "frosted", "cake", "that", "reads", "``", "congratulations", "kate", "and", "luke", "on", "your",
+      "upcoming", "arrival", ".", "``"]),
+    # "e.s.e" is not an abbreviation of the model: Punkt breaks after it, so Treebank detaches the period
+    ("an african american man is posing in front of an e.s.e. electronics advertisement billboard .",
+     ["an", "african", "american", "man", "is", "posing", "in", "front", "of", "an", "e.s.e", ".", "electronics",
+      "advertisement", "billboard", "."]),
+])
+def test_tokenize_is_word_tokenize_with_english_punkt(text, expected):
+    assert tokenize(text) == expected
+
+
+def test_sentence_tokenizer_is_nltk_punkt_with_the_english_model():
+    punkt = sentence_tokenizer()
+    assert isinstance(punkt, PunktSentenceTokenizer) and punkt is sentence_tokenizer()    # built once
+    params = punkt._params
+    assert {"j.p", "j.r", "l.a", "mr", "st", "u.s"} <= params.abbrev_types and "e.s.e" not in params.abbrev_types
+    assert len(params.abbrev_types) > 150 and len(params.ortho_context) > 20000
+    assert ("##number##", "international") in params.collocations and "however" in params.sent_starters
+    assert params.ortho_context["no-such-word"] == 0        # a defaultdict(int), as NLTK's loader makes it
+
+
+def test_tokenize_needs_no_nltk_data(monkeypatch):
+    """The model is built from the installed package: NLTK's data search (and so a download) is never hit."""
+    import nltk.data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("nltk.data.find called")
+
+    monkeypatch.setattr(nltk.data, "find", no_data)
+    monkeypatch.setattr(nltk.data, "load", no_data)
+    sentence_tokenizer.cache_clear()
+    try:
+        assert tokenize("A dog. A cat.") == ["a", "dog", ".", "a", "cat", "."]
+    finally:
+        sentence_tokenizer.cache_clear()
+
+
+_PUNKT_ALPHABET = "ab.?!'\"`)( \t\n\x1c\u2019\u00a0"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=_PUNKT_ALPHABET, max_size=12))
+def test_sentences_fast_path_is_punkt(text):
+    """:func:`sentences` skips Punkt when it cannot break; on any text it returns what Punkt returns."""
+    assert sentences(text) == sentence_tokenizer().tokenize(text)
+
+
+def test_sentences_fast_path_is_punkt_on_coco(shared_data_dir):
+    texts = []
+    for split in ("testall", "dev"):
+        path = shared_data_dir / "coco_precomp" / f"{split}_caps.txt"
+        texts += path.read_text(encoding="utf-8").lower().splitlines()
+    texts += [t + " " for t in texts[:1000]] + [t.replace(" .", ".") for t in texts[:1000]]
+    punkt = sentence_tokenizer()
+    assert [sentences(t) for t in texts] == [punkt.tokenize(t) for t in texts]
+
+
+def _golden_tokens(shared_data_dir, shared_reference_dir, split):
+    captions = (shared_data_dir / "coco_precomp" / f"{split}_caps.txt").read_text(encoding="utf-8").splitlines()
+    golden = (shared_reference_dir / f"coco_{split}_tokens.txt").read_text(encoding="utf-8").splitlines()
+    assert len(captions) == len(golden) == {"testall": 25000, "dev": 5000}[split]
+    return captions, golden
+
+
+def _differences(captions, golden):
+    return [(caption, expected) for caption, expected in zip(captions, golden)
+            if " ".join(tokenize(caption)) != expected]
+
+
+def test_tokenize_matches_golden_tokens_where_punkt_decides(shared_data_dir, shared_reference_dir):
+    """The captions with a '.', '?' or '!' before their end (where Punkt decides), and every 50th caption."""
+    captions, golden = _golden_tokens(shared_data_dir, shared_reference_dir, "testall")
+    pick = [i for i, c in enumerate(captions) if i % 50 == 0 or re.search(r"[.?!]\s*\S", c)]
+    assert len(pick) > 550
+    assert _differences([captions[i] for i in pick], [golden[i] for i in pick]) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["testall", "dev"])
+def test_tokenize_matches_golden_tokens_on_every_caption(shared_data_dir, shared_reference_dir, split):
+    """nltk.word_tokenize(caption.lower()) with the real Punkt model, for all 30,000 shared COCO captions."""
+    captions, golden = _golden_tokens(shared_data_dir, shared_reference_dir, split)
+    assert _differences(captions, golden) == []
 
 
 # -- vocabulary --------------------------------------------------------------------------------
@@ -84,8 +191,8 @@ def test_out_of_vocabulary_rate_of_coco_testall(shared_data_dir):
     tokens = sum(len(i) - 2 for i in ids)
     unknown = sum(i.count(3) for i in ids)
     assert len(lines) == 25000
-    assert tokens == 281950
-    assert unknown == 1386                                     # 0.49%
+    assert tokens == 281943                                    # nltk.word_tokenize with the English Punkt model
+    assert unknown == 1390                                     # 0.49%
     assert 0.004 < unknown / tokens < 0.006
 
 

@@ -10,7 +10,8 @@ Ours stores the configuration as plain data, never pickled classes::
 
     {"format": "vsl-1", "config": {...}, "model": [img, txt, sim state dicts],
      "epoch": int, "iteration": int, "best_rsum": float, "optimizer": state dict | None,
-     "extra": {...}}                              # RNG states, scheduler, anything plain
+     "extra": {...},                              # RNG states, scheduler, anything plain
+     "shortlist": state dict}                     # only when config.shortlist_dim > 0 (the shortlist head)
 
 Both are read with ``torch.load(weights_only=True)``; only ``argparse.Namespace`` is allow-listed.
 """
@@ -97,11 +98,22 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
         "best_rsum": float(raw.get("best_rsum", 0.0)),
         "optimizer": raw.get("optimizer"),
         "extra": raw.get("extra", {}) or {},
+        "shortlist": _shortlist_state(raw, config, path),
     }
 
 
-def load_state(model: VSLModel, states, source: PathLike) -> None:
-    """Load the three published state dicts into ``model``; a one-line error when they do not fit."""
+def _shortlist_state(raw: Dict[str, Any], config: Config, path: Path) -> Optional[Dict[str, Any]]:
+    """The shortlist head's state dict, which a checkpoint whose config names a head must hold."""
+    state = raw.get("shortlist")
+    if config.shortlist_dim and not isinstance(state, dict):
+        raise CheckpointError(f"{path}: options name a shortlist head (shortlist_dim {config.shortlist_dim}) "
+                              "but the checkpoint holds no 'shortlist' weights")
+    return state if config.shortlist_dim else None
+
+
+def load_state(model: VSLModel, states, source: PathLike, shortlist: Optional[Dict[str, Any]] = None) -> None:
+    """Load the three published state dicts (and the shortlist head's, when the model has one) into
+    ``model``; a one-line error when they do not fit."""
     for name, module, state in zip(("image encoder", "text encoder", "similarity encoder"),
                                    (model.img_enc, model.txt_enc, model.sim_enc), states):
         try:
@@ -111,6 +123,14 @@ def load_state(model: VSLModel, states, source: PathLike) -> None:
             if len(detail) > 300:
                 detail = detail[:300] + "..."
             raise CheckpointError(f"{source}: {name} weights do not fit the model ({detail})") from None
+    if model.shortlist is not None:
+        if shortlist is None:
+            raise CheckpointError(f"{source}: the model has a shortlist head but the checkpoint holds no weights for it")
+        try:
+            model.shortlist.load_state_dict(shortlist, strict=True)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise CheckpointError(f"{source}: shortlist head weights do not fit the model ({detail})") from None
 
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", **overrides: Any) -> VSLModel:
@@ -122,7 +142,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", **
     ckpt = read_checkpoint(path)
     config = ckpt["config"].replace(**overrides) if overrides else ckpt["config"]
     model = build_model(config)
-    load_state(model, ckpt["model"], path)
+    load_state(model, ckpt["model"], path, ckpt["shortlist"])
     return model.to(device).eval()
 
 
@@ -143,6 +163,8 @@ def save_checkpoint(path: PathLike, model: VSLModel, config: Optional[Config] = 
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "extra": extra or {},
     }
+    if model.shortlist is not None:
+        payload["shortlist"] = _cpu_state(model.shortlist)
     return atomic_write(path, lambda fh: torch.save(payload, fh), fsync=True)
 
 

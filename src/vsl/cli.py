@@ -4,6 +4,7 @@
 * ``vsl eval``: one checkpoint or two (SGRAF ensemble) on a split and protocol -> :func:`vsl.evaluate.evaluate`
 * ``vsl make-demo-data`` / ``vsl demo``: the procedural demo dataset and the demo run.
 * ``vsl ablate``: a study's arms x seeds (the ``vsl train`` flags pass through) -> :func:`vsl.ablate.run.run`
+* ``vsl serve``: the search page and JSON API over an index -> :func:`vsl.serve.serve`
 
 User errors (:class:`vsl.errors.VSLError`) print ``vsl: error: <one line>`` and exit with status 2.
 """
@@ -13,7 +14,7 @@ import argparse
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from .config import MODULE_NAMES, PRECISIONS, PRESETS, SEMANTICS, VSL_RANKS, Config
+from .config import FAST_START, MODULE_NAMES, PRECISIONS, PRESETS, SEMANTICS, SHORTLIST_LOSSES, VSL_RANKS, Config
 from .data.precomp import EVAL_SPLITS
 from .errors import VSLError
 from .metrics import PROTOCOLS
@@ -54,7 +55,7 @@ Train SGR or SAF with the Visual Semantic Loss. The published train.py flags are
             --num_epochs 25 --lr_update 10 --learning_rate 0.0003 --module_name SGR
 
 Options are resolved in this order: Config defaults < checkpoint options (--resume) < --preset
-< flags given on the command line.
+< --fast_start < flags given on the command line.
 
 Outputs: {model_name}/checkpoint_{E}.pth.tar after epoch E, checkpoint_last.pth.tar (latest, also
 mid-epoch every --val_step iterations), model_best.pth.tar (best dev rsum);
@@ -100,6 +101,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _config_option(opt, "--learning_rate", dest="learning_rate", type=float, help="initial Adam learning rate")
     _config_option(opt, "--warmup_iters", dest="warmup_iters", type=int,
                    help="linear learning-rate warm-up over the first N iterations (not in the paper)")
+    _config_option(opt, "--negatives_warmup_epochs", dest="negatives_warmup_epochs", type=int,
+                   help="sum the triplet hinge over all negatives for the first K epochs, then take the "
+                        "hardest (not in the paper; 0 = the paper)")
+    _config_option(opt, "--negatives_warmup_lr", dest="negatives_warmup_lr", type=float,
+                   help="learning rate during the negatives warm-up (default: --learning_rate)")
+    opt.add_argument("--fast_start", action="store_true",
+                     help="leave the plateau of constant scores early (not in the paper): "
+                          + " ".join(f"--{k} {v}" for k, v in FAST_START.items())
+                          + "; flags given explicitly still win (default: off)")
     _config_option(opt, "--grad_clip", dest="grad_clip", type=float, help="clip the gradient norm to this (<= 0: off)")
     _config_option(opt, "--margin", dest="margin", type=float, help="triplet loss margin")
     _config_option(opt, "--max_violation", dest="max_violation", action="store_false",
@@ -108,6 +118,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _config_option(opt, "--no_max_violation", dest="max_violation", action="store_false",
                    help="sum the triplet loss over all negatives instead of the hardest one. Hardest negatives")
     _config_option(opt, "--log_step", dest="log_step", type=int, help="log the loss every N iterations")
+    _config_option(opt, "--stop_on_plateau", dest="stop_on_plateau", type=int,
+                   help="stop (checkpoint_last written, exit 0) after N iterations on the plateau of constant "
+                        "scores; 0 = only warn")
+    _config_option(opt, "--plateau_std", dest="plateau_std", type=float,
+                   help="the plateau: standard deviation of the batch's scores below this ...")
+    _config_option(opt, "--plateau_log_steps", dest="plateau_log_steps", type=int,
+                   help="... and triplet loss at its collapsed value (2*B*margin) for N consecutive log steps "
+                        "(0 = no detection)")
     _config_option(opt, "--val_step", dest="val_step", type=int,
                    help="validate and write checkpoint_last every N iterations (<= 0: only after epochs)")
 
@@ -146,9 +164,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _config_option(loss, "--textual_semantic_loss", dest="textual_semantic_loss", action="store_true",
                    help="add the textual semantic loss of the ablation (ranks images per caption)")
 
+    head = parser.add_argument_group("shortlist head (two-stage retrieval; not in the paper)")
+    _config_option(head, "--shortlist_weight", dest="shortlist_weight", type=float,
+                   help="train a shortlist head jointly, its loss times this; 0 = the paper's objective")
+    _config_option(head, "--shortlist_dim", dest="shortlist_dim", type=int,
+                   help="size of the head's global vectors; 0 = no head (256 when --shortlist_weight is set)")
+    _config_option(head, "--shortlist_loss", dest="shortlist_loss", choices=SHORTLIST_LOSSES,
+                   help="the head's contrastive loss")
+
 
 def train_config(args: argparse.Namespace) -> Config:
-    """Config of ``vsl train``: defaults < resumed checkpoint < preset < explicit flags."""
+    """Config of ``vsl train``: defaults < resumed checkpoint < preset < --fast_start < explicit flags."""
     fields = set(_DEFAULTS)
     given = {k: v for k, v in vars(args).items() if k in fields}
     values: Dict[str, Any] = {}
@@ -157,6 +183,8 @@ def train_config(args: argparse.Namespace) -> Config:
         values.update(read_checkpoint(args.resume)["config"].to_dict())
     if args.preset:
         values.update(PRESETS[args.preset])
+    if getattr(args, "fast_start", False):
+        values.update(FAST_START)
     values.update(given)
     return Config.from_dict(values)
 
@@ -172,6 +200,9 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         cleanup()
     if not info.is_main:
+        return 0
+    if summary["stopped"]:
+        print(f"{summary['stopped']}; best dev rsum {summary['best_rsum']:.2f}")
         return 0
     print(f"done: {summary['epoch']} epochs, {summary['iteration']} iterations, best dev rsum "
           f"{summary['best_rsum']:.2f}; checkpoints in {config.model_name}")
@@ -217,6 +248,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fp32 (exact), tf32 or bf16 scoring (default: the checkpoint's option, fp32)")
     parser.add_argument("--score_chunk", type=int, default=None,
                         help="elements of the largest scoring intermediate per chunk (default: automatic)")
+    parser.add_argument("--shortlist", type=int, default=None, metavar="K",
+                        help="two-stage evaluation: score only each query's top K by the shortlist head "
+                             "(a checkpoint from vsl fit-shortlist), rank the rest by shortlist score (default: off)")
+    parser.add_argument("--compare_exhaustive", action="store_true",
+                        help="with --shortlist: also score all pairs and report both (default: off)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -224,6 +260,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .distributed import cleanup, setup_distributed
     from .evaluation import evaluate
 
+    if args.shortlist is not None:
+        return run_eval_shortlist(args)
     info = setup_distributed(args.device)           # torchrun: split the scoring over the processes
     try:
         result = evaluate(args.checkpoint, args.data_path, args.split, args.protocol, vocab_path=args.vocab_path,
@@ -242,6 +280,41 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.output:
         print(f"wrote {args.output}")
     return 0
+
+
+def run_eval_shortlist(args: argparse.Namespace) -> int:
+    from .retrieval.twostage import evaluate_shortlist, format_shortlist
+
+    if args.save_sims:
+        from .errors import ConfigError
+        raise ConfigError("--save_sims needs the exhaustive score matrix; drop it or --shortlist")
+    result = evaluate_shortlist(args.checkpoint, args.data_path, args.split, args.protocol, shortlist=args.shortlist,
+                                compare_exhaustive=args.compare_exhaustive, vocab_path=args.vocab_path,
+                                data_name=args.data_name, device=args.device, batch_size=args.batch_size,
+                                output=args.output, progress=not args.quiet, precision=args.precision,
+                                score_chunk=args.score_chunk)
+    print(format_shortlist(result))
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# retrieval commands (vsl.retrieval.commands holds their options and output)
+# ------------------------------------------------------------------------------------------------
+def _add_retrieval_commands(sub) -> None:
+    from .retrieval import commands
+
+    for name, help_text, description, add, run in (
+            ("fit-shortlist", "fit a shortlist head on a frozen checkpoint", commands.FIT_DESCRIPTION,
+             commands.add_fit_arguments, commands.run_fit),
+            ("index", "encode a split or a feature folder into a searchable index", commands.INDEX_DESCRIPTION,
+             commands.add_index_arguments, commands.run_index),
+            ("search", "search an index: text -> images or image -> captions", commands.SEARCH_DESCRIPTION,
+             commands.add_search_arguments, commands.run_search)):
+        p = sub.add_parser(name, help=help_text, description=description, formatter_class=_Formatter)
+        add(p)
+        p.set_defaults(handler=run, command_parser=p)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,6 +348,47 @@ def run_ablate(args: argparse.Namespace) -> int:
     from .ablate.run import run
 
     return run(args, given={k: v for k, v in vars(args).items() if k in _DEFAULTS})
+
+
+# ------------------------------------------------------------------------------------------------
+# vsl serve
+# ------------------------------------------------------------------------------------------------
+SERVE_DESCRIPTION = """\
+Serve a search page (/) and a JSON API (/api/search, /api/info, /api/health; docs at /docs) over an
+index written by `vsl index`. The model and index are loaded once; searches run on a thread pool,
+queries arriving within --batch_window_ms of each other share one batched search.
+
+With no --index, serves the demo: builds once (cached in --demo_dir) the demo dataset, an SGR+VSL
+model trained with the demo recipe, its shortlist head and the test split's index.
+"""
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", metavar="DIR", default=None,
+                        help="index folder written by `vsl index` (default: the demo index, built once)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless told otherwise)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
+    parser.add_argument("--workers", type=int, default=0, help="search threads (0 = one per CPU core)")
+    parser.add_argument("--batch_window_ms", type=float, default=2.0,
+                        help="how long a query waits for others to share its batched search")
+    parser.add_argument("--max_batch", type=int, default=32, help="largest batch of queries (1 = no batching)")
+    parser.add_argument("--thumbnails", metavar="DIR", default=None,
+                        help="folder of {image_id}.png pictures of the gallery (default: the demo's, "
+                             "or none)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--demo_dir", metavar="DIR", default="./vsl-demo",
+                        help="working folder of the demo index (used without --index)")
+    parser.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info",
+                        help="uvicorn's log level")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.index, args.host, args.port, workers=args.workers or None, batch_window_ms=args.batch_window_ms,
+          max_batch=args.max_batch, thumbnails=args.thumbnails, device=args.device, demo_dir=args.demo_dir,
+          log_level=args.log_level)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_ablate_arguments(p)
     add_train_arguments(p)
     p.set_defaults(handler=run_ablate, command_parser=p)
+    _add_retrieval_commands(sub)
+
+    p = sub.add_parser("serve", help="a search page and JSON API over an index (default: the demo's)",
+                       description=SERVE_DESCRIPTION, formatter_class=_Formatter)
+    add_serve_arguments(p)
+    p.set_defaults(handler=run_serve, command_parser=p)
     return parser
 
 

@@ -78,7 +78,7 @@ def prepare(study_name: str, seeds: Union[int, Sequence[int]], *, out: Optional[
         from ..demo.recipe import DEMO_TEST_IMAGES
 
         spec = DemoSpec.at(difficulty, seed=data_seed, test_images=DEMO_TEST_IMAGES, train_images=train_images)
-        data = make_demo_data(out / "dataset", spec, progress=not dry_run)
+        data = make_demo_data(out / "dataset", spec, progress=not dry_run, thumbnails=False)
         base = dict(demo_recipe() if recipe is None else recipe)
         base.update(data_path=str(data["data_path"]), vocab_path=str(data["vocab_path"]),
                     data_name=str(data["data_name"]), img_dim=int(data["img_dim"]),

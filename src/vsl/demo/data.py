@@ -20,6 +20,8 @@ Layout written under ``out_dir`` (exactly what the SCAN/SGRAF data loaders read)
 
     data/demo_precomp/{train,dev,test}_ims.npy    float32, N x num_regions x img_dim
     data/demo_precomp/{train,dev,test}_caps.txt   5N lines; lines 5i..5i+4 describe image i
+    data/demo_precomp/{train,dev,test}_thumbs/    {i}.png: a schematic picture of image i's scene
+                                                  (:mod:`.thumbnails`; for ``vsl serve``'s page)
     vocab/demo_precomp_vocab.json                 word2idx / idx2word / idx (published format)
     demo_manifest.json                            spec + version, written last (cache key)
 
@@ -41,14 +43,15 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write_text, temporary_sibling
-from ..data import SPLITS, SPECIAL_TOKENS, Vocabulary
+from ..data import SPECIAL_TOKENS, SPLITS, Vocabulary
+from .thumbnails import SceneObject, draw_scene, png_bytes
 
 DATA_NAME = "demo_precomp"
 DEMO_SPLITS = SPLITS[:3]      # train, dev, test; an index here seeds its split's streams
 CAPTIONS_PER_IMAGE = 5
 MANIFEST = "demo_manifest.json"
 #: Bump when the generator changes so that cached datasets are regenerated.
-VERSION = 1
+VERSION = 2                  # 2: thumbnails
 #: Images per feature chunk. Each chunk has its own random stream, so features do not depend on
 #: how they are written (whole split in memory or streamed with a progress bar).
 CHUNK = 512
@@ -456,24 +459,76 @@ def _paths(out_dir: Path) -> Dict[str, Path]:
     return files
 
 
+def split_thumbnails(data_path: Union[str, os.PathLike], data_name: str, split: str) -> Path:
+    """Where a dataset in the SCAN layout keeps pictures of a split's images, ``{i}.png`` for image i
+    (beside ``{split}_ims.npy``; the demo data writes them, ``vsl serve`` shows them)."""
+    return Path(data_path) / data_name / f"{split}_thumbs"
+
+
+def thumbnails_dir(out_dir: Union[str, os.PathLike], split: str) -> Path:
+    """The folder of ``{i}.png`` thumbnails of ``split`` in a demo dataset written to ``out_dir``."""
+    return split_thumbnails(Path(out_dir) / "data", DATA_NAME, split)
+
+
+def draw_thumbnail(scenes: Scenes, i: int):
+    """The schematic picture of image ``i`` of ``scenes`` (a PIL image, :func:`.thumbnails.draw_scene`)."""
+    def obj(slot: int) -> SceneObject:
+        return SceneObject(CLASSES[scenes.classes[i, slot]][0], COLORS[scenes.colors[i, slot]])
+
+    return draw_scene(obj(SUBJECT), obj(PARTNER), RELATIONS[scenes.relation[i]][0],
+                      SCENES[scenes.scene[i]][0].split()[-1],
+                      [obj(2 + j) for j in range(MAX_SECONDARY) if scenes.classes[i, 2 + j] >= 0])
+
+
+def write_thumbnails(folder: Path, scenes: Scenes, bar: Optional[tqdm] = None) -> int:
+    """Write ``{i}.png`` for every image of ``scenes`` to ``folder``, replacing it as a whole (drawn
+    in a temporary sibling folder, then renamed); ``bar`` advances once per :data:`CHUNK` images.
+    Returns the number of pictures."""
+    import shutil
+    import uuid
+
+    n = len(scenes.scene)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.mkdir(parents=True)                     # ordinary folder permissions (umask)
+        for i in range(n):                          # one picture per image: drawing has no batched form
+            (tmp / f"{i}.png").write_bytes(png_bytes(draw_thumbnail(scenes, i)))
+            if bar is not None and ((i + 1) % CHUNK == 0 or i + 1 == n):
+                bar.update(1)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return n
+
+
 def _result(out_dir: Path, spec: DemoSpec) -> Dict[str, object]:
     return {"data_path": str(out_dir / "data"), "vocab_path": str(out_dir / "vocab"),
             "data_name": DATA_NAME, "vocab_size": len(SPECIAL_TOKENS) + len(WORDS),
             "img_dim": spec.img_dim, "num_regions": spec.num_regions}
 
 
-def _manifest(spec: DemoSpec, out_dir: Path) -> Dict[str, object]:
+def _manifest(spec: DemoSpec, out_dir: Path, thumbnails: Dict[str, int]) -> Dict[str, object]:
     return {"format": "vsl-demo-data", "version": VERSION, "spec": spec.to_dict(),
             "files": {k: [str(p.relative_to(out_dir)), p.stat().st_size]
-                      for k, p in sorted(_paths(out_dir).items())}}
+                      for k, p in sorted(_paths(out_dir).items())},
+            "thumbnails": {s: [str(thumbnails_dir(out_dir, s).relative_to(out_dir)), n]
+                           for s, n in thumbnails.items()}}
 
 
-def demo_data_ready(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = None) -> bool:
-    """True when ``out_dir`` holds a complete dataset generated from ``spec`` by this version."""
+def demo_data_ready(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = None,
+                    thumbnails: bool = False) -> bool:
+    """True when ``out_dir`` holds a complete dataset generated from ``spec`` by this version
+    (with every split's thumbnails when ``thumbnails``)."""
     out_dir, spec = Path(out_dir), spec or DemoSpec()
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
         if manifest.get("version") != VERSION or manifest.get("spec") != spec.to_dict():
+            return False
+        if thumbnails and (set(manifest["thumbnails"]) != set(DEMO_SPLITS) or not all(
+                len(os.listdir(out_dir / rel)) == n for rel, n in manifest["thumbnails"].values())):
             return False
         return all((out_dir / rel).is_file() and (out_dir / rel).stat().st_size == size
                    for rel, size in manifest["files"].values())
@@ -482,14 +537,15 @@ def demo_data_ready(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] =
 
 
 def make_demo_data(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = None,
-                   progress: bool = False, force: bool = False) -> Dict[str, object]:
+                   progress: bool = False, force: bool = False, thumbnails: bool = True) -> Dict[str, object]:
     """Write the demo dataset under ``out_dir`` (skipped when the same spec is already there).
 
-    Returns ``{"data_path", "vocab_path", "data_name", "vocab_size", "img_dim", "num_regions"}``:
-    the first three are the data options of :class:`vsl.config.Config`.
+    ``thumbnails``: also draw every image's schematic picture (a few ms each; off for very
+    large generated galleries). Returns ``{"data_path", "vocab_path", "data_name", "vocab_size",
+    "img_dim", "num_regions"}``: the first three are the data options of :class:`vsl.config.Config`.
     """
     out_dir, spec = Path(out_dir), spec or DemoSpec()
-    if not force and demo_data_ready(out_dir, spec):
+    if not force and demo_data_ready(out_dir, spec, thumbnails=thumbnails):
         return _result(out_dir, spec)
     paths = _paths(out_dir)
     try:
@@ -501,10 +557,14 @@ def make_demo_data(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = 
 
     protos = sample_prototypes(spec)
     chunks = {s: -(-spec.images(s) // CHUNK) for s in DEMO_SPLITS}
-    bar = tqdm(total=sum(chunks.values()), desc="demo data", unit="chunk", disable=not progress)
+    bar = tqdm(total=sum(chunks.values()) * (2 if thumbnails else 1), desc="demo data", unit="chunk",
+               disable=not progress)
+    drawn: Dict[str, int] = {}
     try:
         for split in DEMO_SPLITS:
             scenes = sample_scenes(spec, split)
+            if thumbnails:
+                drawn[split] = write_thumbnails(thumbnails_dir(out_dir, split), scenes, bar)
             atomic_write_text(paths[f"{split}_caps"],
                                "\n".join(write_captions(spec, split, scenes).captions) + "\n")
             target = paths[f"{split}_ims"]
@@ -522,7 +582,7 @@ def make_demo_data(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = 
                 tmp.unlink(missing_ok=True)
                 raise
         demo_vocabulary().to_json(paths["vocab"])          # atomic, with ordinary file permissions
-        atomic_write_text(out_dir / MANIFEST, json.dumps(_manifest(spec, out_dir), indent=1) + "\n")
+        atomic_write_text(out_dir / MANIFEST, json.dumps(_manifest(spec, out_dir, drawn), indent=1) + "\n")
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write the demo dataset ({e.strerror or e})") from e
     finally:
@@ -549,6 +609,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"std of the noise of each region feature (default: the difficulty's, "
                              f"{d.feature_noise} by default)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the folder is up to date")
+    parser.add_argument("--no-thumbnails", action="store_true",
+                        help="skip the schematic PNG picture of every image (a few ms each)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -556,8 +618,9 @@ def run(args: argparse.Namespace) -> int:
     spec = DemoSpec.at(args.difficulty, seed=args.seed, train_images=args.images, dev_images=args.dev_images,
                        test_images=args.test_images, img_dim=args.img_dim,
                        num_regions=args.num_regions, feature_noise=args.feature_noise)
-    cached = not args.force and demo_data_ready(args.out, spec)
-    info = make_demo_data(args.out, spec, progress=True, force=args.force)
+    thumbnails = not args.no_thumbnails
+    cached = not args.force and demo_data_ready(args.out, spec, thumbnails=thumbnails)
+    info = make_demo_data(args.out, spec, progress=True, force=args.force, thumbnails=thumbnails)
     print(("up to date: " if cached else "wrote: ")
           + f"--data_path {info['data_path']} --vocab_path {info['vocab_path']} "
           f"--data_name {info['data_name']} --img_dim {info['img_dim']} --vocab_size {info['vocab_size']}")

@@ -6,7 +6,10 @@ importing the demo program.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict
+
+from ..config import Config
 
 #: Settings of both demo runs; everything else is the paper's default.
 DEMO_RECIPE: Dict[str, Any] = dict(
@@ -31,3 +34,15 @@ DEMO_RECIPE: Dict[str, Any] = dict(
 
 #: Test images of the demo dataset (5 captions each): enough for stable recalls, quick to score.
 DEMO_TEST_IMAGES = 500
+
+
+def demo_config(data: Dict[str, Any], out: Path, name: str, vsl_weight: float, seed: int, epochs: int,
+                device: str) -> Config:
+    """The configuration of one run with the demo recipe in ``out/runs/name`` (used by ``vsl serve``'s
+    demo model); ``data`` is what :func:`vsl.demo.data.make_demo_data` returns."""
+    recipe = dict(DEMO_RECIPE, num_epochs=epochs, lr_update=max(1, epochs - 1))
+    return Config(data_path=str(data["data_path"]), data_name=str(data["data_name"]),
+                  vocab_path=str(data["vocab_path"]), img_dim=int(data["img_dim"]),
+                  num_regions=int(data["num_regions"]), vocab_size=int(data["vocab_size"]),
+                  model_name=str(out / "runs" / name / "checkpoints"), logger_name=str(out / "runs" / name / "logs"),
+                  vsl_weight=vsl_weight, seed=seed, device=device, **recipe)

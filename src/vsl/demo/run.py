@@ -24,7 +24,7 @@ from typing import Any, Dict
 from ..errors import ConfigError, VSLError
 from ..fileio import atomic_write, atomic_write_text
 from .data import DIFFICULTIES
-from .recipe import DEMO_RECIPE, DEMO_TEST_IMAGES  # noqa: F401  (re-exported: the demo's recipe)
+from .recipe import DEMO_RECIPE, DEMO_TEST_IMAGES, demo_config  # noqa: F401  (re-exported: the demo's recipe)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -61,7 +61,7 @@ def load_for_eval(path: PathLike, device: torch.device, vocab_path: Optional[Pat
     config = ckpt["config"].replace(**overrides)
     vocab = Vocabulary.from_json(vocab_file(config.vocab_path, config.data_name))
     model = build_model(config)
-    load_state(model, ckpt["model"], path)
+    load_state(model, ckpt["model"], path, ckpt["shortlist"])
     return LoadedModel(path, model.to(device).eval(), config, vocab)
 
 

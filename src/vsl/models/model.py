@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..errors import CheckpointError
 from .encoders import ImageEncoder, TextEncoder
+from .shortlist import ShortlistHead
 from .similarity import SimilarityEncoder, default_chunk_elements
 
 
@@ -15,7 +17,9 @@ class VSLModel(nn.Module):
     """SGR or SAF retrieval model.
 
     Submodules ``img_enc``, ``txt_enc`` and ``sim_enc`` hold exactly the parameters of the three
-    state dicts of a published checkpoint, in that order.
+    state dicts of a published checkpoint, in that order. ``shortlist`` is the optional shortlist
+    head (``config.shortlist_dim > 0``; None otherwise), built after them so that the three are
+    initialised exactly as without it.
     """
 
     def __init__(self, config: Config):
@@ -26,6 +30,7 @@ class VSLModel(nn.Module):
                                    config.bi_gru, config.no_txtnorm)
         self.sim_enc = SimilarityEncoder(config.embed_size, config.sim_dim, config.module_name, config.sgr_step,
                                          config.num_regions)
+        self.shortlist = ShortlistHead(config.embed_size, config.shortlist_dim) if config.shortlist_dim else None
 
     @property
     def device(self) -> torch.device:
@@ -38,6 +43,21 @@ class VSLModel(nn.Module):
     def encode_captions(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``(m, L)`` int64 ids and ``(m,)`` lengths (any order) -> ``(m, L, embed_size)``, padding rows 0."""
         return self.txt_enc(captions, lengths)
+
+    def encode_images_global(self, images: torch.Tensor) -> torch.Tensor:
+        """Shortlist vectors of raw region features: ``(n, R, img_dim)`` -> ``(n, shortlist_dim)``, l2-normalised."""
+        return self._head().images(self.encode_images(images))
+
+    def encode_captions_global(self, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Shortlist vectors of captions: ``(m, L)`` ids, ``(m,)`` lengths -> ``(m, shortlist_dim)``, l2-normalised."""
+        lengths = torch.as_tensor(lengths)
+        return self._head().captions(self.encode_captions(captions, lengths), lengths.to(self.device))
+
+    def _head(self) -> ShortlistHead:
+        if self.shortlist is None:
+            raise CheckpointError("this model has no shortlist head; fit one with `vsl fit-shortlist` "
+                                  "(or train with --shortlist_weight)")
+        return self.shortlist
 
     def similarity(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor,
                    chunk_elements: Optional[int] = None,

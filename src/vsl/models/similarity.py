@@ -17,6 +17,9 @@ to bound memory) instead of the published loop over captions. Two exact rewrites
   ``q_a . k_b`` that do not depend on the key node ``b`` cancel in the softmax over ``b``;
 * the last reasoning step only computes node 0, the only node that is read.
 
+:meth:`SimilarityEncoder.score_pairs` scores chosen (image, caption) pairs only, with the same
+arithmetic: the exact re-ranking stage of two-stage retrieval (:mod:`vsl.retrieval`).
+
 Parameter names match the published checkpoints (``v_global_w``, ``SGR_module.0.graph_query_w``...).
 """
 from __future__ import annotations
@@ -201,6 +204,22 @@ def scan_text_to_image_attention(images: torch.Tensor, words: torch.Tensor,
     weights = (logits.exp_() if inplace else logits.exp()).view(n, num_regions, m * length)
     context = torch.bmm(weights.transpose(1, 2), images)                    # (n, m*L, d)
     return _l2norm_(context, inplace).view(n, m, length, d)
+
+
+def grouped_text_to_image_attention(images: torch.Tensor, words: torch.Tensor,
+                                    smooth: float = ATTENTION_SMOOTH) -> torch.Tensor:
+    """:func:`scan_text_to_image_attention` of each image against its own captions: ``images (G, R, d)``,
+    ``words (G, c, L, d)`` -> ``(G, c, L, d)`` l2-normalised contexts (no autograd; in place).
+
+    Group ``g`` is the dense block (image ``g`` x its ``c`` captions) of the all-pairs scorer, with the
+    same arithmetic: one ``(R, d) x (d, c L)`` product per image instead of one small product per pair.
+    """
+    G, c, L, d = words.shape
+    logits = F.leaky_relu(torch.bmm(images, words.view(G, c * L, d).transpose(1, 2)), 0.1, inplace=True)
+    logits = logits.view(G, -1, c, L)                                                      # (G, R, c, L)
+    logits.mul_(smooth / (torch.linalg.vector_norm(logits, dim=3, keepdim=True) + 1e-8))
+    context = torch.bmm(logits.exp_().view(G, -1, c * L).transpose(1, 2), images)         # (G, c L, d)
+    return _l2norm_(context, True).view(G, c, L, d)
 
 
 def _l2norm_(x: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -422,6 +441,104 @@ class SimilarityEncoder(nn.Module):
         bn.running_var.mul_((1 - a) ** m).add_(a * (decay * unbiased).sum())
         bn.num_batches_tracked.add_(m)
 
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_pairs(self, img_emb: torch.Tensor, cap_emb: torch.Tensor, lengths: torch.Tensor,
+                    image_index: torch.Tensor, caption_index: torch.Tensor,
+                    chunk_elements: Optional[int] = None) -> torch.Tensor:
+        """Scores of chosen pairs only: ``(P,)`` for image ``image_index[p]`` x caption ``caption_index[p]``.
+
+        ``img_emb (n, R, d)``, ``cap_emb (m, L, d)``, ``lengths (m,)``; the same arithmetic as
+        :meth:`forward` (eval mode) on each pair, so a re-ranked shortlist gets the exhaustive
+        scores (to float rounding). Pairs are grouped by caption length, then by image: the
+        captions of one image and one length form a dense (1 image x c captions) block of
+        :meth:`forward`, so the attention is one matrix product per image (no gathered copy of
+        the image's regions per pair). Images with similar numbers of such captions are scored
+        together (padded to the largest; padding slots are dropped before the similarity stages).
+        """
+        if self.training:
+            raise ValueError("score_pairs needs eval mode")
+        lengths = torch.as_tensor(lengths, device=cap_emb.device).long()
+        image_index = torch.as_tensor(image_index, device=img_emb.device).long()
+        caption_index = torch.as_tensor(caption_index, device=cap_emb.device).long()
+        P = image_index.numel()
+        if P == 0:
+            return img_emb.new_zeros(0)
+        n = img_emb.size(0)
+        max_len = int(lengths.max())
+        cap_emb = cap_emb[:, :max_len]
+        word_mask = torch.arange(max_len, device=cap_emb.device) < lengths.unsqueeze(1)
+        cap_emb = cap_emb * word_mask.unsqueeze(-1).to(cap_emb.dtype)
+        img_glo = self.v_global_w(img_emb)                                    # (n, d)
+        cap_glo = self.t_global_w(cap_emb, word_mask)                         # (m, d)
+        d = img_emb.size(-1)
+        budget = chunk_elements or default_chunk_elements(img_emb.device, d)
+        # Groups: pairs of one (caption length, image), longest captions first; within a length,
+        # groups with the most pairs first, so that the groups scored together pad little.
+        pair_lengths = lengths[caption_index]
+        group_key = (max_len - pair_lengths) * n + image_index
+        keys, group_of_pair, counts = torch.unique(group_key, return_inverse=True, return_counts=True)
+        group_len = max_len - keys // n                                       # (G,)
+        group_img = keys % n                                                  # (G,)
+        group_order = torch.argsort((max_len - group_len) * (P + 1) + (P - counts), stable=True)
+        rank_of_group = torch.argsort(group_order)
+        # Pairs in group order; ``first[g]``: position of group ``group_order[g]``'s first pair.
+        pair_order = torch.argsort(rank_of_group[group_of_pair], stable=True)
+        sorted_counts = counts[group_order]
+        first = torch.cumsum(sorted_counts, 0) - sorted_counts
+        host_len, host_counts = group_len[group_order].tolist(), sorted_counts.tolist()
+        num_groups = len(host_counts)
+        out = img_emb.new_empty(P)
+        g0 = 0
+        while g0 < num_groups:
+            L, c = host_len[g0], host_counts[g0]
+            # Groups of this length, padded to ``c`` captions, within the budget of ``pairs x (1 + L) x d``;
+            # stop where a group has under 3/4 of ``c`` pairs (at most a quarter of the slots are padding).
+            g1 = min(num_groups, g0 + max(1, budget // (c * max(1, L + 1) * d)))
+            stop = g0 + 1
+            while stop < g1 and host_len[stop] == L and 4 * host_counts[stop] >= 3 * c:
+                stop += 1
+            cnt = sorted_counts[g0:stop]                                       # (g,)
+            slot = torch.arange(c, device=cnt.device)
+            valid = slot < cnt.unsqueeze(1)                                    # (g, c)
+            # Padding slots repeat the group's first pair; they are dropped after the attention.
+            pos = pair_order[first[g0:stop].unsqueeze(1) + slot * valid]       # (g, c) pair ids
+            imgs = group_img[group_order[g0:stop]]
+            # index_select, not advanced indexing: the gathers are ~2.5x faster (measured on CPU).
+            words = cap_emb[:, :L].index_select(0, caption_index.index_select(0, pos.reshape(-1)))   # (g c, L, d)
+            context = grouped_text_to_image_attention(
+                img_emb.index_select(0, imgs), words.view(stop - g0, c, L, d)).view(-1, L, d)
+            diff = context.sub_(words).square_()                               # (g c, L, d)
+            idx = pos.reshape(-1)
+            if host_counts[stop - 1] < c:                                   # host copy: no device sync
+                keep = valid.reshape(-1).nonzero().squeeze(1)
+                idx, diff = idx.index_select(0, keep), diff.index_select(0, keep)
+            out.index_copy_(0, idx, self._score_pair_block(
+                diff, img_glo.index_select(0, image_index.index_select(0, idx)),
+                cap_glo.index_select(0, caption_index.index_select(0, idx))))
+            g0 = stop
+        return out
+
+    def _score_pair_block(self, diff: torch.Tensor, img_glo: torch.Tensor, cap_glo: torch.Tensor) -> torch.Tensor:
+        """Scores of pairs from ``diff = (context - words)^2`` ``(P, L, d)`` (captions of one length),
+        ``img_glo (P, d)``, ``cap_glo (P, d)`` -> ``(P,)``."""
+        P, L = diff.size(0), diff.size(1)
+        glo_diff = img_glo - cap_glo
+        sim_glo = l2norm(self.sim_tranglo_w(glo_diff * glo_diff), dim=-1)     # (P, s)
+        sim_loc = self.sim_tranloc_w(diff)                                    # (P, L, s)
+        s = sim_loc.size(-1)
+        loc_norm = torch.linalg.vector_norm(sim_loc, dim=-1, keepdim=True)
+        nodes = sim_loc.new_empty(P, L + 1, s)
+        nodes[:, 0] = sim_glo
+        torch.div(sim_loc, loc_norm.add_(1e-8), out=nodes[:, 1:])
+        if self.module_name == "SGR":
+            for step in self.SGR_module[:-1]:
+                nodes = step(nodes, None)
+            vec = self.SGR_module[-1].forward_node0(nodes, None)
+        else:
+            node_mask = torch.ones(P, L + 1, dtype=torch.bool, device=diff.device)
+            vec = self._filtration(nodes.unsqueeze(0), node_mask)[0].squeeze(0)
+        return torch.sigmoid(self.sim_eval_w(vec)).squeeze(-1)
 
 
 def default_chunk_elements(device: torch.device, embed_size: int) -> int:

@@ -7,8 +7,11 @@ One iteration::
     parts["loss"].backward(); clip; optimizer.step()
 
 The learning rate is ``learning_rate * 0.1 ** (epoch // lr_update)`` (times a linear warm-up over the
-first ``warmup_iters`` iterations, if set). The dev rsum is measured after every epoch and every
-``val_step`` iterations.
+first ``warmup_iters`` iterations, if set). The triplet loss takes the hardest negative
+(``max_violation``) from epoch ``negatives_warmup_epochs`` on and sums over all negatives before. The
+dev rsum is measured after every epoch and every ``val_step`` iterations. At every log step
+:class:`~vsl.train.plateau.PlateauDetector` checks whether the scores have collapsed to a constant
+(a warning, a ``plateau`` event, and with ``stop_on_plateau`` an early, resumable stop).
 
 Output folder ``model_name``: ``checkpoint_{E}.pth.tar`` after epoch E (1-based: E epochs done),
 ``checkpoint_last.pth.tar`` (the latest state, also mid-epoch at every validation) and
@@ -20,6 +23,7 @@ final weights are bit-identical to an uninterrupted run with the same seed (on t
 from __future__ import annotations
 
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import metrics
 from .. import distributed as vdist
@@ -42,7 +47,9 @@ from ..fileio import check_writable
 from ..logs import RunLogger, progress_bar
 from ..losses import VSLObjective
 from ..models import VSLModel, build_model
+from ..models.shortlist import shortlist_loss
 from ..precision import precision_context
+from .plateau import Plateau, PlateauDetector
 
 LAST = "checkpoint_last.pth.tar"
 BEST = "model_best.pth.tar"
@@ -58,11 +65,20 @@ def epoch_checkpoint(epoch: int) -> str:
 
 
 def learning_rate(config: Config, epoch: int, iteration: int) -> float:
-    """Step decay x0.1 every ``lr_update`` epochs (published), with optional linear warm-up."""
-    lr = config.learning_rate * 0.1 ** (epoch // max(1, config.lr_update))
+    """Step decay x0.1 every ``lr_update`` epochs (published), with optional linear warm-up; during the
+    negatives warm-up ``negatives_warmup_lr`` (if set) replaces ``learning_rate``."""
+    base = config.learning_rate
+    if config.negatives_warmup_lr is not None and epoch < config.negatives_warmup_epochs:
+        base = config.negatives_warmup_lr
+    lr = base * 0.1 ** (epoch // max(1, config.lr_update))
     if config.warmup_iters > 0 and iteration < config.warmup_iters:
         lr *= (iteration + 1) / config.warmup_iters
     return lr
+
+
+def hardest_negatives(config: Config, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) keeps only the hardest negative of each positive."""
+    return config.max_violation and epoch >= config.negatives_warmup_epochs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,6 +149,9 @@ class Trainer:
         self.dist = distributed if distributed is not None else vdist.DistInfo(device=resolve_device(config.device))
         self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
         self.device, self.progress = self.dist.device, progress and self.is_main
+        if self.world_size > 1 and config.shortlist_weight > 0:
+            raise ConfigError("--shortlist_weight is not supported under torchrun; train without it and fit "
+                              "the head afterwards with `vsl fit-shortlist`")
         if self.is_main:
             check_writable(config.model_name, "folder")
             check_writable(config.logger_name, "folder")
@@ -160,6 +179,9 @@ class Trainer:
                                       vsl_weight=config.vsl_weight, temperature=config.vsl_temperature,
                                       vsl_rank=config.vsl_rank, textual=config.textual_semantic_loss)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        self.plateau = PlateauDetector(config.plateau_std, config.plateau_log_steps)
+        self.stopped: Optional[str] = None          # why the run stopped before num_epochs
+        self.last_batch_size = 0                    # B of the last step's (B, B) scores
 
         # Position: a fresh run, or where ``resume`` stopped (weights, Adam, position, RNG streams).
         self.out_dir = Path(config.model_name)
@@ -174,7 +196,7 @@ class Trainer:
     # --------------------------------------------------------------------------------------------
     def _load(self, path: Path) -> Optional[Dict[str, Any]]:
         ckpt = read_checkpoint(path)
-        load_state(self.model, ckpt["model"], path)
+        load_state(self.model, ckpt["model"], path, ckpt["shortlist"])
         if ckpt["optimizer"] is not None:
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -215,12 +237,30 @@ class Trainer:
     def train_step(self, batch) -> Dict[str, torch.Tensor]:
         """One optimisation step on a :class:`vsl.data.Batch`; returns the detached loss parts."""
         batch = batch.to(self.device, non_blocking=True)
+        head_loss = None
         with precision_context(self.config.precision, self.device):
-            scores = self.scorer(batch.images, batch.captions, batch.lengths)          # (B, B)
+            if self.config.shortlist_weight > 0:
+                # Joint shortlist head: the same scores as the scorer's, from embeddings it can share.
+                img_emb = self.model.encode_images(batch.images)                          # (B, R, d)
+                cap_emb = self.model.encode_captions(batch.captions, batch.lengths)       # (B, L, d)
+                scores = self.model.similarity(img_emb, cap_emb, batch.lengths)           # (B, B)
+                head = self.model.shortlist
+                head_loss = shortlist_loss(head.images(img_emb).float(),
+                                           head.captions(cap_emb, batch.lengths).float(), batch.image_ids,
+                                           loss=self.config.shortlist_loss,
+                                           temperature=self.config.shortlist_temperature)
+            else:
+                scores = self.scorer(batch.images, batch.captions, batch.lengths)      # (B, B)
         image_semantic, caption_semantic = batch.image_semantic, batch.caption_semantic
         if self.world_size > 1 and self.semantics is not None:
             image_semantic, caption_semantic = self._global_semantics(batch.caption_ids)
         parts = self.objective(scores.float(), image_semantic, caption_semantic)
+        if head_loss is not None:
+            parts["shortlist"] = head_loss
+            parts["loss"] = parts["loss"] + self.config.shortlist_weight * head_loss
+        # The spread of the scores tells a collapsed matrix (the plateau) from a learning one.
+        parts["score_std"] = scores.detach().float().std(correction=0)
+        self.last_batch_size = scores.shape[0]
         self._check_finite("loss", parts["loss"])
         self.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
@@ -275,11 +315,32 @@ class Trainer:
         return rsum
 
     # --------------------------------------------------------------------------------------------
-    def train_epoch(self, epoch: int) -> None:
+    def _on_plateau(self, plateau: Plateau, epoch: int) -> bool:
+        """Warn and log once per plateau; True when ``stop_on_plateau`` says to stop now."""
+        cfg = self.config
+        if self.plateau.announce() and self.is_main:
+            tqdm.write(plateau.warning(cfg.plateau_std), file=sys.stderr)
+            self.logger.log(plateau.step, "plateau", epoch=epoch, since=plateau.since, score_std=plateau.score_std,
+                            triplet=plateau.triplet, collapsed=plateau.collapsed)
+        if cfg.stop_on_plateau <= 0 or plateau.iterations < cfg.stop_on_plateau:
+            return False
+        self._save([LAST])                          # every rank: the save gathers the RNG states
+        self.logger.log(plateau.step, "plateau_stop", epoch=epoch, since=plateau.since, iterations=plateau.iterations)
+        last = self.out_dir / LAST
+        self.stopped = (f"stopped after {plateau.iterations} iterations on the plateau of constant scores "
+                        f"(since iteration {plateau.since}; --stop_on_plateau {cfg.stop_on_plateau}); {last} "
+                        f"holds iteration {plateau.step} (continue with --resume {last} --stop_on_plateau 0, "
+                        f"or start again with --fast_start)")
+        return True
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Train epoch ``epoch`` from the current position; False when the run stopped on the plateau."""
 
         cfg = self.config
         # VSL off during its warm-up epochs (demo recipe; the paper uses VSL from the start).
         self.objective.semantic.weight = 0.0 if epoch < cfg.vsl_warmup_epochs else cfg.vsl_weight
+        # All negatives during the negatives warm-up (--fast_start; the paper: hardest from the start).
+        self.objective.triplet.max_violation = hardest_negatives(cfg, epoch)
         loader = make_loader(self.train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                              workers=cfg.workers, textual=cfg.textual_semantic_loss and self.world_size == 1,
                              # distributed: the global batch's matrices are built in train_step
@@ -306,16 +367,23 @@ class Trainer:
                 self.logger.log(self.pos.iteration, "train", epoch=epoch, lr=lr, **values)
                 bar.set_postfix(loss=f"{values['loss']:.4g}", triplet=f"{values['triplet']:.4g}",
                                 vsl=f"{values['vsl']:.4g}", lr=f"{lr:.2g}", refresh=False)
+                plateau = self.plateau.update(self.pos.iteration, values["triplet"], values["score_std"],
+                                              self.last_batch_size, cfg.margin, self.objective.triplet.max_violation)
+                if plateau is not None and self._on_plateau(plateau, epoch):
+                    bar.close()
+                    return False
             if cfg.val_step > 0 and self.pos.iteration % cfg.val_step == 0 and self.pos.batch < total:
                 self._validate_and_save([LAST])     # mid-epoch: resumable from checkpoint_last
         bar.close()
+        return True
 
     def run(self) -> Dict[str, Any]:
         """Train from the current position to ``config.num_epochs``; returns a summary."""
         start = time.time()
         try:
             for epoch in range(self.pos.epoch, self.config.num_epochs):
-                self.train_epoch(epoch)
+                if not self.train_epoch(epoch):
+                    break                           # stopped on the plateau (self.stopped says why)
                 self.pos.epoch, self.pos.batch = epoch + 1, 0
                 rsum = self._validate_and_save([epoch_checkpoint(epoch + 1), LAST])
                 if self.progress:
@@ -324,7 +392,7 @@ class Trainer:
             self.logger.close()
         return {"epoch": self.pos.epoch, "iteration": self.pos.iteration, "best_rsum": self.pos.best_rsum,
                 "last": str(self.out_dir / LAST), "best": str(self.out_dir / BEST),
-                "seconds": time.time() - start}
+                "seconds": time.time() - start, "stopped": self.stopped}
 
 
 def train(config: Config, resume: Optional[Union[str, Path]] = None, **kwargs: Any) -> Dict[str, Any]:
