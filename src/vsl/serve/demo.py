@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
-from ..fileio import temporary_sibling
+from ..fileio import atomic_write
 
 PathLike = Union[str, os.PathLike]
 #: The SGR+VSL run of ``vsl demo`` (its VSL weight); the served model is that run's recipe.
@@ -89,11 +89,6 @@ def demo_model(out: PathLike = "./vsl-demo", device: str = "auto", progress: boo
 
 
 def _copy(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` atomically (a temporary sibling, then a rename)."""
-    tmp = temporary_sibling(target)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Copy ``source`` to ``target`` atomically."""
+    with open(source, "rb") as src:
+        atomic_write(target, lambda fh: shutil.copyfileobj(src, fh))
