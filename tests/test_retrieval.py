@@ -43,7 +43,7 @@ def published(fixtures_dir):
 def fitted(published, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("fitted") / "sgr_sl.pth.tar"
     result = fit_shortlist(published, data["data_path"], out, vocab_path=data["vocab_path"], device="cpu",
-                           dim=16, epochs=30, batch_size=64, learning_rate=0.01, progress=False)
+                           dim=16, epochs=30, batch_size=64, learning_rate=0.001, progress=False)
     return out, result
 
 
@@ -81,8 +81,10 @@ def test_the_head_is_optional_and_leaves_the_papers_model_untouched(published):
     assert Config(shortlist_weight=1.0, vocab_size=20).shortlist_dim == 256      # weight implies a head
 
 
-def test_global_vectors_are_unit_length_and_pool_only_real_words():
-    head = ShortlistHead(8, 4)
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_global_vectors_are_unit_length_and_pool_only_real_words(hidden):
+    torch.manual_seed(0)
+    head = ShortlistHead(8, 4, hidden)
     words = torch.randn(3, 5, 8)
     lengths = torch.tensor([5, 2, 3])
     vec = head.captions(words, lengths)
@@ -90,8 +92,74 @@ def test_global_vectors_are_unit_length_and_pool_only_real_words():
     padded = words.clone()
     padded[1, 2:] = 99.0                                          # padding must not matter
     assert torch.allclose(head.captions(padded, lengths), vec)
+    assert torch.allclose(head.captions(words[1:2, :2], lengths[1:2]), vec[1:2], atol=1e-6)
     assert torch.allclose(masked_mean(words, lengths)[1], words[1, :2].mean(0))
-    assert head.images(torch.randn(2, 36, 8)).shape == (2, 4)
+    regions = torch.randn(2, 36, 8)
+    assert head.images(regions).shape == (2, 4)
+    # Pooled regions are a set: the order of the regions does not matter.
+    assert torch.allclose(head.images(regions[:, torch.randperm(36)]), head.images(regions), atol=1e-6)
+
+
+def test_the_element_wise_layer_tells_apart_sets_with_the_same_mean():
+    # {a + b, 0} and {a, b} have the same mean: the linear head cannot tell them apart, a ReLU layer can.
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    together, apart = torch.stack([a + b, torch.zeros(2)])[None], torch.stack([a, b])[None]
+    linear = ShortlistHead(2, 2, 0)
+    assert torch.allclose(linear.images(together), linear.images(apart))
+    units = ShortlistHead(2, 2, 1)
+    with torch.no_grad():
+        units.image.element.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        units.image.element.bias.fill_(-1.5)                         # fires only for a region showing both
+    assert not torch.allclose(units.images(together), units.images(apart))
+
+
+def test_heads_written_before_the_element_wise_layer_load_as_linear_heads(tmp_path):
+    config = Config(img_dim=16, word_dim=8, embed_size=16, sim_dim=8, vocab_size=20, shortlist_dim=8,
+                    shortlist_hidden=0)
+    torch.manual_seed(1)
+    model = build_model(config)
+    path = tmp_path / "old.pth.tar"
+    from vsl.checkpoint import save_checkpoint
+    save_checkpoint(path, model, config)
+    raw = torch.load(path, weights_only=False)
+    del raw["config"]["shortlist_hidden"]                         # the options and names of that format
+    raw["shortlist"] = {k.replace("image.proj.", "image_proj.").replace("caption.proj.", "caption_proj."): v
+                        for k, v in raw["shortlist"].items()}
+    torch.save(raw, path)
+    loaded = load_checkpoint(path)
+    assert loaded.config.shortlist_hidden == 0 and loaded.shortlist.image.element is None
+    regions = torch.randn(3, 36, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.shortlist.images(regions), model.shortlist.images(regions))
+    assert Config().shortlist_hidden > 0                          # new heads get the element-wise layer
+
+
+def test_frozen_embeddings_pack_words_and_keep_a_seeded_subset_within_the_memory_budget(published, data):
+    from vsl.data import PrecompDataset
+    from vsl.evaluation import load_for_eval, pad_token_ids
+    from vsl.retrieval.fit import frozen_embeddings
+
+    loaded = load_for_eval(published, torch.device("cpu"), data["vocab_path"], "coco_precomp")
+    model, vocab = loaded.model, loaded.vocab
+    ds = PrecompDataset(data["data_path"], "coco_precomp", "train", vocab)
+    tokens = [vocab.encode(c) for c in ds.captions]
+    images = ds.images[:ds.num_images]
+    full, kept = frozen_embeddings(model, images, tokens, 5, pooled=False, progress=False)
+    assert kept == ds.num_images and full.images.shape == (ds.num_images, 36, 32)
+    ids, lengths = pad_token_ids(tokens[7:10])
+    with torch.no_grad():
+        expected = model.encode_captions(ids, lengths)
+    words, lens = full.captions(torch.arange(7, 10))
+    assert torch.equal(lens, lengths)
+    torch.testing.assert_close(words, expected, atol=2e-3, rtol=1e-2)   # float16 storage
+    assert (words[lens.argmin(), int(lens.min()):] == 0).all()        # padding is zero
+    pooled, _ = frozen_embeddings(model, images, tokens, 5, pooled=True, progress=False)
+    assert pooled.images.shape == (ds.num_images, 1, 32) and (pooled.lengths == 1).all()
+    budget = full.images[:10].numel() * 2 * 1.5 / 2 ** 30              # room for about 10 images of 60
+    small, kept = frozen_embeddings(model, images, tokens, 5, pooled=False, max_memory_gb=budget, progress=False)
+    again, _ = frozen_embeddings(model, images, tokens, 5, pooled=False, max_memory_gb=budget, progress=False)
+    assert 1 <= kept < ds.num_images and small.num_captions == 5 * kept and torch.equal(small.images, again.images)
+    assert (small.image_of == torch.arange(kept).repeat_interleave(5)).all()
 
 
 @pytest.mark.parametrize("loss", ["infonce", "hinge"])
@@ -186,7 +254,15 @@ def test_fit_shortlist_cli_reports_recall_and_writes_the_checkpoint(published, d
                "--device", "cpu"])
     text = capsys.readouterr().out
     assert rc == 0 and out.is_file() and "shortlist recall on dev" in text and "t2i" in text
-    assert read_checkpoint(out)["config"].shortlist_dim == 8
+    assert read_checkpoint(out)["config"].shortlist_dim == 8 and "512-unit" in text
+    small = tmp_path / "ck3.pth.tar"
+    rc = main(["fit-shortlist", "--checkpoint", published, "--data_path", data["data_path"], "--vocab_path",
+               data["vocab_path"], "--out", str(small), "--epochs", "1", "--shortlist_hidden", "0", "--quiet",
+               "--device", "cpu", "--max_memory_gb", "0.00002"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "linear" in captured.out and "training images" in captured.err
+    ckpt = read_checkpoint(small)
+    assert ckpt["config"].shortlist_hidden == 0 and ckpt["extra"]["shortlist_fit"]["train_images"] < 60
 
 
 @pytest.mark.slow
@@ -302,8 +378,14 @@ def test_interrupted_build_resumes_at_the_block_where_it_stopped(fitted, data, t
     build_index(fitted[0], data["data_path"], "test", out, vocab_path=data["vocab_path"], device="cpu",
                 progress=False, batch_size=5, block_images=5)
     assert min(read) == 10                                        # blocks 0 and 1 were not encoded again
+    # The resumed build equals one that was never interrupted (same batches: bit for bit).
+    whole = tmp_path / "whole"
+    build_index(fitted[0], data["data_path"], "test", whole, vocab_path=data["vocab_path"], device="cpu",
+                progress=False, batch_size=5, block_images=5)
     for name in ("images.regions.npy", "images.global.npy", "captions.words.npy", "captions.global.npy"):
-        np.testing.assert_array_equal(np.load(out / name), np.load(index_dir / name))
+        np.testing.assert_array_equal(np.load(out / name), np.load(whole / name))
+        np.testing.assert_allclose(np.load(out / name).astype(np.float32),
+                                   np.load(index_dir / name).astype(np.float32), atol=1e-5)
 
 
 @pytest.mark.parametrize("index_type", ["hnsw", "ivf"])

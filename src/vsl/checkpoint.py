@@ -78,7 +78,7 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
         raise CheckpointError(f"{path}: 'model' must be a list of 3 state dicts (image, text, similarity encoders)")
     try:
         if raw.get("format") == FORMAT:
-            config = Config.from_dict(raw["config"])
+            config = Config.from_dict(_legacy_head_options(raw["config"]))
             fmt = FORMAT
         elif "opt" in raw:
             opt = raw["opt"]
@@ -102,13 +102,30 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     }
 
 
+#: Parameter names of the linear shortlist head as written before ``shortlist_hidden`` existed.
+_LEGACY_HEAD_KEYS = {"image_proj.": "image.proj.", "caption_proj.": "caption.proj."}
+
+
+def _legacy_head_options(values: Dict[str, Any]) -> Dict[str, Any]:
+    """A head written before ``shortlist_hidden`` existed is the linear head (``shortlist_hidden = 0``)."""
+    if values.get("shortlist_dim") and "shortlist_hidden" not in values:
+        return {**values, "shortlist_hidden": 0}
+    return values
+
+
 def _shortlist_state(raw: Dict[str, Any], config: Config, path: Path) -> Optional[Dict[str, Any]]:
     """The shortlist head's state dict, which a checkpoint whose config names a head must hold."""
     state = raw.get("shortlist")
     if config.shortlist_dim and not isinstance(state, dict):
         raise CheckpointError(f"{path}: options name a shortlist head (shortlist_dim {config.shortlist_dim}) "
                               "but the checkpoint holds no 'shortlist' weights")
-    return state if config.shortlist_dim else None
+    if not config.shortlist_dim:
+        return None
+    renamed = {}
+    for key, value in state.items():
+        old = next((p for p in _LEGACY_HEAD_KEYS if key.startswith(p)), None)
+        renamed[_LEGACY_HEAD_KEYS[old] + key[len(old):] if old else key] = value
+    return renamed
 
 
 def load_state(model: VSLModel, states, source: PathLike, shortlist: Optional[Dict[str, Any]] = None) -> None:

@@ -169,6 +169,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="train a shortlist head jointly, its loss times this; 0 = the paper's objective")
     _config_option(head, "--shortlist_dim", dest="shortlist_dim", type=int,
                    help="size of the head's global vectors; 0 = no head (256 when --shortlist_weight is set)")
+    _config_option(head, "--shortlist_hidden", dest="shortlist_hidden", type=int,
+                   help="width of the head's per-region / per-word ReLU layer; 0 = linear head on mean embeddings")
     _config_option(head, "--shortlist_loss", dest="shortlist_loss", choices=SHORTLIST_LOSSES,
                    help="the head's contrastive loss")
 

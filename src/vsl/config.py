@@ -86,6 +86,7 @@ class Config:
 
     # --- shortlist head (two-stage retrieval; not in the paper, off by default) ---
     shortlist_dim: int = 0                     # size of the global vectors; 0 = no head (the paper's model)
+    shortlist_hidden: int = 512                # width of the head's per-region / per-word layer; 0 = linear head
     shortlist_weight: float = 0.0              # weight of the head's loss in vsl train; 0 = paper objective
     shortlist_loss: str = "infonce"            # "infonce" or "hinge"
     shortlist_temperature: float = 0.05        # InfoNCE temperature
@@ -127,9 +128,9 @@ class Config:
             raise ConfigError(f"sgr_step must be positive for SGR, got {self.sgr_step}")
         if self.shortlist_loss not in SHORTLIST_LOSSES:
             raise ConfigError(f"shortlist_loss must be one of {SHORTLIST_LOSSES}, got {self.shortlist_loss!r}")
-        if self.shortlist_dim < 0 or self.shortlist_weight < 0:
-            raise ConfigError(f"shortlist_dim and shortlist_weight must be >= 0, got {self.shortlist_dim} "
-                              f"and {self.shortlist_weight}")
+        if self.shortlist_dim < 0 or self.shortlist_weight < 0 or self.shortlist_hidden < 0:
+            raise ConfigError(f"shortlist_dim, shortlist_hidden and shortlist_weight must be >= 0, got "
+                              f"{self.shortlist_dim}, {self.shortlist_hidden} and {self.shortlist_weight}")
         for name in ("shortlist_epochs", "shortlist_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -30,7 +30,8 @@ class VSLModel(nn.Module):
                                    config.bi_gru, config.no_txtnorm)
         self.sim_enc = SimilarityEncoder(config.embed_size, config.sim_dim, config.module_name, config.sgr_step,
                                          config.num_regions)
-        self.shortlist = ShortlistHead(config.embed_size, config.shortlist_dim) if config.shortlist_dim else None
+        self.shortlist = (ShortlistHead(config.embed_size, config.shortlist_dim, config.shortlist_hidden)
+                          if config.shortlist_dim else None)
 
     @property
     def device(self) -> torch.device:

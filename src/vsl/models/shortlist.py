@@ -3,23 +3,28 @@
 The cross-attention scorers (SGR/SAF) see an image and a caption together, so they cannot index a
 gallery. The shortlist head gives each side its own vector, compared by cosine (the inner product
 of l2-normalised vectors), so that a vector index can propose the top K candidates that the exact
-model then re-ranks:
+model then re-ranks. Each side has its own weights and the same form (Deep Sets: an element-wise
+layer, a pooling, a projection):
 
-* image: region embeddings ``(n, R, d)`` -> mean over regions ``(n, d)`` -> ``Linear(d, D)`` ->
-  l2norm ``(n, D)``;
-* caption: word embeddings ``(m, L, d)`` with lengths ``(m,)`` -> mean over the caption's own
-  words ``(m, d)`` -> its own ``Linear(d, D)`` -> l2norm ``(m, D)``.
+* image: region embeddings ``x (n, R, d)`` ->
+  ``z = [mean_r ReLU(W x_r + b) (n, H) ; mean_r x_r (n, d)]`` ->  ``Linear(H + d, D)`` -> l2norm ``(n, D)``;
+* caption: word embeddings ``(m, L, d)`` with lengths ``(m,)``, the same over each caption's own words.
 
-(A hidden ReLU layer before the projection was measured and did worse on the demo model: shortlist
-recall@10 90.1/77.7 against 95.1/81.1 for the linear head, i2t/t2i, InfoNCE; the hinge loss did
-worse than InfoNCE with either head, see the README's retrieval section.)
+Why the element-wise layer: a mean of embeddings is a linear summary, in which "a red dog beside a
+blue car" and "a blue dog beside a red car" nearly coincide, and the few regions of a small object
+are drowned by the many of the background. A ReLU unit applied to every region before pooling can
+respond to one region's conjunction of class and colour, and counts how many regions show it. On the
+demo model (5,000 test images) it took text-to-image shortlist recall@100 from 90.5 % (linear head on
+the mean) to 94.9 %, image-to-text from 97.3 % to 99.7 % (README, "Search a gallery").
+``hidden = 0`` is that linear head (``mean -> Linear(d, D)``), which heads written before
+``shortlist_hidden`` existed are (:func:`vsl.checkpoint.read_checkpoint` reads them so).
 
 Both read the encoders' outputs, so a head can be fitted afterwards on a frozen checkpoint (the
-published ones included) from pooled embeddings computed once. The head's loss is symmetric:
-InfoNCE (softmax cross-entropy over the batch at a fixed temperature) or the VSE hinge (sum of the
-violations of all negatives). Captions of the same image in one batch are not negatives of each
-other. The head is optional: ``Config.shortlist_dim == 0`` builds none, and the paper's model,
-objective and checkpoints are untouched.
+published ones included) from embeddings computed once (:mod:`vsl.retrieval.fit`). The head's loss
+is symmetric: InfoNCE (softmax cross-entropy over the batch at a fixed temperature) or the VSE hinge
+(sum of the violations of all negatives). Captions of the same image in one batch are not negatives
+of each other. The head is optional: ``Config.shortlist_dim == 0`` builds none, and the paper's
+model, objective and checkpoints are untouched.
 """
 from __future__ import annotations
 
@@ -38,31 +43,41 @@ def masked_mean(words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return total / lengths.clamp_min(1).unsqueeze(1).to(words.dtype)
 
 
+class _SetEncoder(nn.Module):
+    """One side of the head: ``(n, L, d)`` elements with ``(n,)`` lengths -> ``(n, D)``, l2-normalised."""
+
+    def __init__(self, embed_size: int, dim: int, hidden: int):
+        super().__init__()
+        self.element = nn.Linear(embed_size, hidden) if hidden else None
+        self.proj = nn.Linear(embed_size + hidden, dim)
+
+    def forward(self, elements: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        pooled = masked_mean(elements, lengths)                                        # (n, d)
+        if self.element is not None:
+            units = masked_mean(F.relu(self.element(elements)), lengths)              # (n, H)
+            pooled = torch.cat([units, pooled], dim=-1)                               # (n, H + d)
+        return l2norm(self.proj(pooled), dim=-1)
+
+
 class ShortlistHead(nn.Module):
     """Global vectors of images and captions for the vector shortlist.
 
     ``images(img_emb (n, R, d)) -> (n, D)``, ``captions(cap_emb (m, L, d), lengths (m,)) -> (m, D)``,
-    both l2-normalised; ``pooled_images`` / ``pooled_captions`` take the pooled ``(., d)``
-    embeddings instead (what :func:`vsl.retrieval.fit_shortlist` precomputes).
+    both l2-normalised. ``hidden`` is the width H of the element-wise layer (0: none, the linear head).
     """
 
-    def __init__(self, embed_size: int, dim: int):
+    def __init__(self, embed_size: int, dim: int, hidden: int = 0):
         super().__init__()
-        self.dim = dim
-        self.image_proj = nn.Linear(embed_size, dim)
-        self.caption_proj = nn.Linear(embed_size, dim)
-
-    def pooled_images(self, pooled: torch.Tensor) -> torch.Tensor:
-        return l2norm(self.image_proj(pooled), dim=-1)
-
-    def pooled_captions(self, pooled: torch.Tensor) -> torch.Tensor:
-        return l2norm(self.caption_proj(pooled), dim=-1)
+        self.dim, self.hidden = dim, hidden
+        self.image = _SetEncoder(embed_size, dim, hidden)
+        self.caption = _SetEncoder(embed_size, dim, hidden)
 
     def images(self, img_emb: torch.Tensor) -> torch.Tensor:
-        return self.pooled_images(img_emb.mean(dim=1))
+        regions = torch.full((img_emb.size(0),), img_emb.size(1), device=img_emb.device)
+        return self.image(img_emb, regions)
 
     def captions(self, cap_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.pooled_captions(masked_mean(cap_emb, lengths))
+        return self.caption(cap_emb, torch.as_tensor(lengths, device=cap_emb.device))
 
 
 def shortlist_loss(image_vecs: torch.Tensor, caption_vecs: torch.Tensor, image_ids: torch.Tensor, *,

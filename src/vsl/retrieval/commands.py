@@ -15,6 +15,7 @@ from typing import List
 
 from ..config import INDEX_DTYPES, INDEX_TYPES, SHORTLIST_LOSSES, Config
 from ..errors import ConfigError, DataError
+from .fit import MAX_MEMORY_GB
 from .index import BLOCK_IMAGES
 
 _DEFAULTS = Config.__dataclass_fields__
@@ -44,6 +45,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_name", default=None, help="dataset name (default: the checkpoint's)")
     parser.add_argument("--shortlist_dim", type=int, default=None,
                         help="size of the global vectors (default: the checkpoint's, else 256)")
+    parser.add_argument("--shortlist_hidden", type=int, default=None,
+                        help="width of the head's per-region / per-word ReLU layer; 0 = the linear head on mean "
+                             f"embeddings (default: the checkpoint's, else {_default('shortlist_hidden')})")
     parser.add_argument("--shortlist_loss", choices=SHORTLIST_LOSSES, default=None,
                         help=f"the head's loss (default: {_default('shortlist_loss')})")
     parser.add_argument("--epochs", type=int, default=None,
@@ -52,6 +56,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"captions per step (default: {_default('shortlist_batch_size')})")
     parser.add_argument("--learning_rate", type=float, default=None,
                         help=f"Adam learning rate (default: {_default('shortlist_learning_rate')})")
+    parser.add_argument("--max_memory_gb", type=float, default=MAX_MEMORY_GB,
+                        help="memory for the frozen training embeddings; beyond it a random subset of the training "
+                             "images is used (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and batches")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
@@ -62,9 +69,11 @@ def run_fit(args: argparse.Namespace) -> int:
 
     result = fit_shortlist(args.checkpoint, args.data_path, args.out, vocab_path=args.vocab_path,
                            data_name=args.data_name, device=args.device, dim=args.shortlist_dim,
-                           loss=args.shortlist_loss, epochs=args.epochs, batch_size=args.batch_size,
-                           learning_rate=args.learning_rate, seed=args.seed, progress=not args.quiet)
-    print(f"fitted a {result['config']['shortlist_dim']}-d shortlist head ({result['config']['shortlist_loss']}, "
+                           hidden=args.shortlist_hidden, loss=args.shortlist_loss, epochs=args.epochs,
+                           batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+                           max_memory_gb=args.max_memory_gb, progress=not args.quiet)
+    kind = (f"{result['config']['shortlist_hidden']}-unit" if result["config"]["shortlist_hidden"] else "linear")
+    print(f"fitted a {result['config']['shortlist_dim']}-d {kind} shortlist head ({result['config']['shortlist_loss']}, "
           f"{len(result['loss_history'])} epochs, final loss {result['loss_history'][-1]:.4f}) in "
           f"{result['seconds']:.1f} s")
     if result["recall"]:

@@ -1,15 +1,19 @@
 """``vsl fit-shortlist``: train only the shortlist head of a frozen checkpoint (the published ones included).
 
-The encoders are frozen, so each training image and caption is encoded once: the image's mean
-region embedding ``(n, d)`` and the caption's mean word embedding ``(m, d)`` (what the head pools)
-are kept in memory, and the head's epochs run over those small matrices, in seconds to minutes on a
-CPU. The output checkpoint holds the original weights unchanged plus the head, so its exact scores
-and its ``vsl eval`` table are those of the input checkpoint.
+The encoders are frozen, so each training image and caption is encoded once and kept in memory as
+float16 (:class:`FrozenEmbeddings`): every region embedding of an image and every word embedding of
+a caption, which the head's element-wise layer reads, or only their means for the linear head
+(``shortlist_hidden = 0``, whose first step is the mean). The head's epochs run over those tensors,
+in minutes on a CPU. A training split too large for ``max_memory_gb`` is fitted on a seeded random
+subset of its images (said once). The output checkpoint holds the original weights unchanged plus
+the head, so its exact scores and its ``vsl eval`` table are those of the input checkpoint.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -29,83 +33,171 @@ from ..models.shortlist import ShortlistHead, masked_mean, shortlist_loss
 from .recall import REPORT_KS, shortlist_recall
 
 PathLike = Union[str, os.PathLike]
+#: Bytes of one stored embedding value (float16).
+_BYTES = 2
+#: Default memory for the frozen training embeddings of ``vsl fit-shortlist``.
+MAX_MEMORY_GB = 4.0
+
+
+@dataclass
+class FrozenEmbeddings:
+    """A training split encoded once by frozen encoders, for fitting the head.
+
+    images: ``(n, E, d)`` float16, E = regions per image, or 1 when pooled (their mean);
+    words: ``(W, d)`` float16, the captions' word embeddings packed one caption after another (or
+    one mean per caption when pooled); offsets, lengths: ``(m,)`` int64, each caption's first row in
+    ``words`` and its number of rows; image_of: ``(m,)`` int64, the row of its image in ``images``.
+    """
+
+    images: torch.Tensor
+    words: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    image_of: torch.Tensor
+
+    @property
+    def num_captions(self) -> int:
+        return int(self.lengths.numel())
+
+    def captions(self, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Captions ``idx (B,)`` as zero-padded ``(B, L, d)`` float32 and their ``(B,)`` lengths."""
+        lengths = self.lengths[idx]
+        steps = torch.arange(int(lengths.max()))
+        valid = steps < lengths.unsqueeze(1)                                           # (B, L)
+        rows = (self.offsets[idx].unsqueeze(1) + steps).masked_fill(~valid, 0)         # padding reads row 0
+        return self.words[rows].float() * valid.unsqueeze(-1), lengths
+
+
+def _fitting_images(per_image: np.ndarray, max_bytes: float, seed: int) -> np.ndarray:
+    """Sorted indices of the images whose embeddings (``per_image`` bytes each) fit in ``max_bytes``:
+    all of them, or the longest prefix of a seeded random permutation that fits."""
+    if per_image.sum() <= max_bytes:
+        return np.arange(len(per_image))
+    order = np.random.default_rng(seed).permutation(len(per_image))
+    fits = int(np.searchsorted(np.cumsum(per_image[order]), max_bytes, side="right"))
+    return np.sort(order[:max(1, fits)])
 
 
 @torch.inference_mode()
-def pooled_embeddings(model, images: np.ndarray, token_ids: Sequence[Sequence[int]], *, batch_size: int = 256,
+def frozen_embeddings(model, images: np.ndarray, token_ids: Sequence[Sequence[int]], captions_per_image: int, *,
+                      pooled: bool, max_memory_gb: float = MAX_MEMORY_GB, seed: int = 0, batch_size: int = 256,
                       progress: bool = True, source: str = "image features",
-                      desc: str = "encode") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean region embedding of each image ``(n, d)`` and mean word embedding of each caption ``(m, d)``.
+                      desc: str = "encode") -> Tuple[FrozenEmbeddings, int]:
+    """Encode ``images`` ``(n, R, img_dim)`` and their captions once: ``(FrozenEmbeddings, images kept)``.
 
-    Only the pooled vectors are kept (a COCO training split's region embeddings would take 16 GB).
+    ``pooled`` keeps only the means (the linear head). When all embeddings would take more than
+    ``max_memory_gb``, a seeded random subset of the images (with their captions) is kept.
     """
     device = model.device
     ids, lengths = pad_token_ids(token_ids)
-    n, m = len(images), len(token_ids)
-    bar = progress_bar(n + m, desc, enabled=progress, unit="item", unit_scale=True)
-    img_parts, cap_parts = [], []
-    for i in range(0, n, batch_size):
-        array = np.array(images[i:i + batch_size], dtype=np.float32)
-        check_finite(array, source, i)
-        img_parts.append(model.encode_images(torch.from_numpy(array).to(device)).mean(dim=1).float().cpu())
-        bar.update(len(array))
-    for j in range(0, m, batch_size):
+    n, (r, d) = len(images), (images.shape[1], model.config.embed_size)
+    rows_per_image = (1 + captions_per_image) if pooled else r + lengths.view(-1, captions_per_image).sum(1).numpy()
+    keep = _fitting_images(np.broadcast_to(rows_per_image * d * _BYTES, (n,)), max_memory_gb * 2 ** 30, seed)
+    caps = torch.from_numpy((keep[:, None] * captions_per_image + np.arange(captions_per_image)).reshape(-1))
+    ids, lengths = ids[caps], lengths[caps]
+    stored = torch.ones_like(lengths) if pooled else lengths
+    offsets = torch.cumsum(stored, 0) - stored
+    img_store = torch.empty(len(keep), 1 if pooled else r, d, dtype=torch.float16)
+    word_store = torch.empty(int(stored.sum()), d, dtype=torch.float16)
+    bar = progress_bar(len(keep) + len(caps), desc, enabled=progress, unit="item", unit_scale=True)
+    for i in range(0, len(keep), batch_size):
+        rows = keep[i:i + batch_size]
+        array = np.asarray(images[rows], dtype=np.float32)              # reads only these rows of a memmap
+        check_finite(array, source, int(rows[0]))
+        emb = model.encode_images(torch.from_numpy(array).to(device))                 # (b, R, d)
+        img_store[i:i + len(rows)] = (emb.mean(dim=1, keepdim=True) if pooled else emb).cpu().half()
+        bar.update(len(rows))
+    for j in range(0, len(caps), batch_size):
         lens = lengths[j:j + batch_size]
-        words = model.encode_captions(ids[j:j + batch_size, :int(lens.max())].to(device), lens)
-        cap_parts.append(masked_mean(words, lens.to(device)).float().cpu())
+        words = model.encode_captions(ids[j:j + batch_size, :int(lens.max())].to(device), lens)   # (b, L, d)
+        if pooled:
+            packed = masked_mean(words, lens.to(device))                               # (b, d)
+        else:
+            packed = words[torch.arange(words.size(1), device=device) < lens.to(device).unsqueeze(1)]
+        start = int(offsets[j])
+        word_store[start:start + len(packed)] = packed.cpu().half()
         bar.update(len(lens))
     bar.close()
-    return torch.cat(img_parts), torch.cat(cap_parts)
+    image_of = torch.arange(len(keep)).repeat_interleave(captions_per_image)
+    return FrozenEmbeddings(img_store, word_store, offsets, stored, image_of), len(keep)
 
 
-def train_head(head: ShortlistHead, img_pooled: torch.Tensor, cap_pooled: torch.Tensor, captions_per_image: int,
-               *, epochs: int, batch_size: int, learning_rate: float, loss: str, temperature: float,
-               seed: int = 0, progress: bool = True) -> list:
+def train_head(head: ShortlistHead, data: FrozenEmbeddings, *, epochs: int, batch_size: int, learning_rate: float,
+               loss: str, temperature: float, seed: int = 0, device: torch.device = torch.device("cpu"),
+               progress: bool = True) -> list:
     """Adam on the head over all captions per epoch (each with its image); returns the mean loss per epoch."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(head.parameters(), lr=learning_rate)
-    m = cap_pooled.size(0)
+    m = data.num_captions
     steps = -(-m // batch_size)
     # Cosine decay to zero over the run: the last epochs settle instead of oscillating.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps))
     history = []
-    bar = progress_bar(epochs, "fit shortlist", enabled=progress, unit="epoch")
+    bar = progress_bar(epochs * steps, "fit shortlist", enabled=progress, unit="step")
     head.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(m, generator=generator)
         total = 0.0
         for s in range(steps):
             idx = order[s * batch_size:(s + 1) * batch_size]
-            image_ids = idx // captions_per_image
-            value = shortlist_loss(head.pooled_images(img_pooled[image_ids]), head.pooled_captions(cap_pooled[idx]),
-                                   image_ids, loss=loss, temperature=temperature)
+            image_ids = data.image_of[idx]
+            words, lengths = data.captions(idx)
+            value = shortlist_loss(head.images(data.images[image_ids].float().to(device)),
+                                   head.captions(words.to(device), lengths.to(device)),
+                                   image_ids.to(device), loss=loss, temperature=temperature)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
             schedule.step()
             total += float(value.detach())
+            bar.update(1)
         history.append(total / steps)
-        bar.update(1)
-        bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4g}", refresh=False)
     bar.close()
     head.eval()
     return history
 
 
+@torch.inference_mode()
+def global_vectors(model, head: ShortlistHead, images: np.ndarray, token_ids: Sequence[Sequence[int]], *,
+                   batch_size: int = 256, progress: bool = True, source: str = "image features",
+                   desc: str = "encode") -> Tuple[torch.Tensor, torch.Tensor]:
+    """The head's vectors of ``images`` ``(n, R, img_dim)`` and captions: ``(n, D)``, ``(m, D)`` float32 (CPU)."""
+    device = model.device
+    ids, lengths = pad_token_ids(token_ids)
+    bar = progress_bar(len(images) + len(lengths), desc, enabled=progress, unit="item", unit_scale=True)
+    img_parts, cap_parts = [], []
+    for i in range(0, len(images), batch_size):
+        array = np.array(images[i:i + batch_size], dtype=np.float32)
+        check_finite(array, source, i)
+        img_parts.append(head.images(model.encode_images(torch.from_numpy(array).to(device))).float().cpu())
+        bar.update(len(array))
+    for j in range(0, len(lengths), batch_size):
+        lens = lengths[j:j + batch_size]
+        words = model.encode_captions(ids[j:j + batch_size, :int(lens.max())].to(device), lens)
+        cap_parts.append(head.captions(words, lens.to(device)).float().cpu())
+        bar.update(len(lens))
+    bar.close()
+    return torch.cat(img_parts), torch.cat(cap_parts)
+
+
 def fit_shortlist(checkpoint: PathLike, data_path: Optional[PathLike] = None, out: PathLike = "shortlist.pth.tar", *,
                   vocab_path: Optional[PathLike] = None, data_name: Optional[str] = None, device: str = "auto",
-                  dim: Optional[int] = None, loss: Optional[str] = None, epochs: Optional[int] = None,
-                  batch_size: Optional[int] = None, learning_rate: Optional[float] = None,
-                  temperature: Optional[float] = None, seed: int = 0, eval_split: Optional[str] = "dev",
+                  dim: Optional[int] = None, hidden: Optional[int] = None, loss: Optional[str] = None,
+                  epochs: Optional[int] = None, batch_size: Optional[int] = None,
+                  learning_rate: Optional[float] = None, temperature: Optional[float] = None, seed: int = 0,
+                  eval_split: Optional[str] = "dev", max_memory_gb: float = MAX_MEMORY_GB,
                   progress: bool = True) -> Dict[str, Any]:
     """Fit a shortlist head on the training split of a frozen ``checkpoint`` and write ``out``.
 
     Options left ``None`` come from the checkpoint's configuration (``shortlist_dim`` falls back to
-    :data:`vsl.config.SHORTLIST_DIM` when the checkpoint has no head). The head's shortlist recall at
-    K = 10/50/100/200 on ``eval_split`` (if the data has it) is returned and stored in the checkpoint.
+    :data:`vsl.config.SHORTLIST_DIM` when the checkpoint has no head; ``hidden`` to the checkpoint's
+    ``shortlist_hidden``). The head's shortlist recall at K = 10/50/100/200 on ``eval_split`` (if the
+    data has it) is returned and stored in the checkpoint. The frozen training embeddings are kept in
+    at most ``max_memory_gb`` (a random subset of the training images beyond that, said on stderr).
 
     Returns ``{"out", "seconds", "encode_seconds", "loss_history", "recall": {"i2t": {...}, "t2i": {...}},
-    "config": {shortlist fields}}``.
+    "train_images", "config": {shortlist fields}}``.
     """
     start = time.time()
     out = Path(out)
@@ -113,7 +205,10 @@ def fit_shortlist(checkpoint: PathLike, data_path: Optional[PathLike] = None, ou
     dev = resolve_device(device)
     loaded = load_for_eval(checkpoint, dev, vocab_path, data_name)
     config = loaded.config
+    if not max_memory_gb > 0:
+        raise ConfigError(f"max_memory_gb must be positive, got {max_memory_gb}")
     fields = dict(shortlist_dim=dim or config.shortlist_dim or SHORTLIST_DIM,
+                  shortlist_hidden=config.shortlist_hidden if hidden is None else hidden,
                   shortlist_loss=loss or config.shortlist_loss,
                   shortlist_epochs=epochs or config.shortlist_epochs,
                   shortlist_batch_size=batch_size or config.shortlist_batch_size,
@@ -126,16 +221,20 @@ def fit_shortlist(checkpoint: PathLike, data_path: Optional[PathLike] = None, ou
     train_set = PrecompDataset(data_path, config.data_name, "train", loaded.vocab)
     check_fits(config, train_set, loaded.vocab, source=checkpoint)
     tokens = [loaded.vocab.encode(c) for c in train_set.captions]
-    img_pooled, cap_pooled = pooled_embeddings(loaded.model, train_set.images[:train_set.num_images], tokens,
-                                               progress=progress, source=str(train_set.images_path),
-                                               desc="encode train")
+    frozen, kept = frozen_embeddings(loaded.model, train_set.images[:train_set.num_images], tokens,
+                                     train_set.captions_per_image, pooled=config.shortlist_hidden == 0,
+                                     max_memory_gb=max_memory_gb, seed=seed, progress=progress,
+                                     source=str(train_set.images_path), desc="encode train")
+    if kept < train_set.num_images:
+        print(f"vsl: note: fitting the shortlist head on {kept:,} of the {train_set.num_images:,} training images "
+              f"(their embeddings fill max_memory_gb {max_memory_gb:g})", file=sys.stderr)
     encode_seconds = time.time() - start
     torch.manual_seed(seed)
-    head = ShortlistHead(config.embed_size, config.shortlist_dim)
-    history = train_head(head, img_pooled, cap_pooled, train_set.captions_per_image,
-                         epochs=config.shortlist_epochs, batch_size=config.shortlist_batch_size,
+    head = ShortlistHead(config.embed_size, config.shortlist_dim, config.shortlist_hidden).to(dev)
+    history = train_head(head, frozen, epochs=config.shortlist_epochs, batch_size=config.shortlist_batch_size,
                          learning_rate=config.shortlist_learning_rate, loss=config.shortlist_loss,
-                         temperature=config.shortlist_temperature, seed=seed, progress=progress)
+                         temperature=config.shortlist_temperature, seed=seed, device=dev, progress=progress)
+    del frozen
     recall = None
     if eval_split is not None:
         recall = split_recall(loaded.model, head, data_path, config.data_name, eval_split, loaded.vocab,
@@ -145,13 +244,13 @@ def fit_shortlist(checkpoint: PathLike, data_path: Optional[PathLike] = None, ou
     model = build_model(config)
     load_state(model, ckpt["model"], checkpoint, head.state_dict())
     summary = {"source": str(checkpoint), "epochs": config.shortlist_epochs, "loss_history": history,
-               "recall": recall, "train_images": train_set.num_images, "train_captions": len(tokens)}
+               "recall": recall, "train_images": kept, "train_captions": kept * train_set.captions_per_image}
     extra = dict(ckpt["extra"])
     extra["shortlist_fit"] = summary
     save_checkpoint(out, model, config, epoch=ckpt["epoch"], iteration=ckpt["iteration"],
                     best_rsum=ckpt["best_rsum"], extra=extra)
     return {"out": str(out), "seconds": time.time() - start, "encode_seconds": encode_seconds,
-            "loss_history": history, "recall": recall, "config": fields}
+            "loss_history": history, "recall": recall, "train_images": kept, "config": fields}
 
 
 def split_recall(model, head: ShortlistHead, data_path: PathLike, data_name: str, split: str, vocab, *,
@@ -163,9 +262,6 @@ def split_recall(model, head: ShortlistHead, data_path: PathLike, data_name: str
         return None
     dataset = PrecompDataset(data_path, data_name, split, vocab)
     tokens = [vocab.encode(c) for c in dataset.captions]
-    img_pooled, cap_pooled = pooled_embeddings(model, dataset.images[:dataset.num_images], tokens,
-                                               progress=progress, source=str(dataset.images_path),
-                                               desc=f"encode {split}")
-    with torch.no_grad():
-        return shortlist_recall(head.pooled_images(img_pooled), head.pooled_captions(cap_pooled),
-                                dataset.captions_per_image, ks)
+    img_vecs, cap_vecs = global_vectors(model, head, dataset.images[:dataset.num_images], tokens,
+                                        progress=progress, source=str(dataset.images_path), desc=f"encode {split}")
+    return shortlist_recall(img_vecs, cap_vecs, dataset.captions_per_image, ks)
