@@ -517,3 +517,17 @@ def test_torchrun_index_splits_the_blocks_and_matches_one_process(fitted, data, 
     for name in ("images.regions.npy", "images.global.npy", "captions.words.npy", "captions.global.npy"):
         np.testing.assert_allclose(np.load(out / name), np.load(index_dir / name), atol=1e-6)
     assert Index.load(out).search_text(["a red dog"], k=3)[0].hits
+
+
+def test_fit_shortlist_names_a_training_image_with_nan_features(published, tmp_path):
+    data = write_scan_dataset(tmp_path, "coco_precomp", {"train": 20, "dev": 4}, img_dim=64, num_regions=36,
+                              extra_words=21, seed=6)
+    path = Path(data["data_path"]) / "coco_precomp" / "train_ims.npy"
+    features = np.load(path)
+    features[13, 2, 5] = np.nan
+    np.save(path, features)
+    out = tmp_path / "out.pth.tar"
+    with pytest.raises(DataError, match=r"train_ims\.npy.*13"):
+        fit_shortlist(published, data["data_path"], out, vocab_path=data["vocab_path"], device="cpu", dim=8,
+                      epochs=1, progress=False, max_memory_gb=1e-4)     # a subset: rows are not contiguous
+    assert not out.exists()

@@ -435,7 +435,7 @@ def real_index(fixtures_dir, tmp_path_factory):
     checkpoint = root / "sgr_sl.pth.tar"
     fit_shortlist(fixtures_dir / "SGR_checkpoint.pth.tar", data["data_path"], checkpoint,
                   vocab_path=data["vocab_path"], device="cpu", dim=16, epochs=30, batch_size=64,
-                  learning_rate=0.01, progress=False)
+                  learning_rate=0.001, progress=False)
     out = build_index(checkpoint, data["data_path"], "test", root / "index", vocab_path=data["vocab_path"],
                       device="cpu", progress=False)
     return Index.load(out)
