@@ -110,6 +110,10 @@ def test_the_element_wise_layer_tells_apart_sets_with_the_same_mean():
     with torch.no_grad():
         units.image.element.weight.copy_(torch.tensor([[1.0, 1.0]]))
         units.image.element.bias.fill_(-1.5)                         # fires only for a region showing both
+    # It starts as the linear head (the units' projection is zero) and tells them apart once it is not.
+    assert torch.allclose(units.images(together), units.images(apart))
+    with torch.no_grad():
+        units.image.proj.weight[:, 0] = 1.0
     assert not torch.allclose(units.images(together), units.images(apart))
 
 

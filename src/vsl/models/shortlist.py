@@ -50,6 +50,13 @@ class _SetEncoder(nn.Module):
         super().__init__()
         self.element = nn.Linear(embed_size, hidden) if hidden else None
         self.proj = nn.Linear(embed_size + hidden, dim)
+        if hidden:
+            # The units' columns of the projection start at zero: the head starts as the linear head on
+            # the mean and the units join as they learn. (From the default initialisation the units'
+            # shared positive mean dominated every vector, and at learning rates of 4e-3 and above the
+            # vectors collapsed to one direction.)
+            with torch.no_grad():
+                self.proj.weight[:, :hidden].zero_()
 
     def forward(self, elements: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         pooled = masked_mean(elements, lengths)                                        # (n, d)
