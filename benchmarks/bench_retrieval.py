@@ -12,6 +12,8 @@
         --queries_file CAPTIONS.txt [--queries 30] [--k 10] [--shortlist 100]
     # 4. per-pair cost of the re-ranking scorer (score_pairs) against the all-pairs scorer, synthetic
     python benchmarks/bench_retrieval.py pairs [--images 1000 --captions 5000 --k 100 --forward_images 100]
+    # 5. cost of a fit-shortlist step per head width at the published embedding size, synthetic
+    python benchmarks/bench_retrieval.py fit-cost [--embed_size 1024 --hidden 0,512 --captions 566435]
 
 ``eval`` times whole calls (checkpoint loading, tokenization, encoding, scoring, metrics):
 :func:`vsl.evaluation.evaluate` (exhaustive) and :func:`vsl.retrieval.evaluate_shortlist` for each
@@ -279,6 +281,47 @@ def run_recall(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# fit cost: one training step of the shortlist head at a given embedding size
+# --------------------------------------------------------------------------------------------
+def run_fit_cost(args) -> None:
+    """Seconds per `vsl fit-shortlist` step (forward, backward, Adam) of each head width on synthetic
+    frozen embeddings, the first width the baseline, and the fit time this gives for ``--captions``
+    captions x ``--epochs`` epochs. Width 0 (the linear head) reads the pooled means, as the fit does."""
+    from vsl.models.shortlist import ShortlistHead, shortlist_loss
+
+    d, b, r, words = args.embed_size, args.batch_size, args.regions, args.words
+    gen = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(b, r, d, generator=gen), dim=-1)
+    caps = torch.nn.functional.normalize(torch.randn(b, words, d, generator=gen), dim=-1)
+    lengths, ids = torch.full((b,), words), torch.arange(b)
+    rows = []
+    widths = [int(h) for h in args.hidden.split(",")]
+    times = {}
+    for hidden in widths:
+        head = ShortlistHead(d, 256, hidden)
+        opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+        img_in, cap_in, cap_len = ((images, caps, lengths) if hidden else
+                                   (images.mean(1, keepdim=True), caps.mean(1, keepdim=True), torch.ones(b)))
+        samples = []
+        for step in range(args.repeats + 2):
+            t0 = time.perf_counter()
+            loss = shortlist_loss(head.images(img_in), head.captions(cap_in, cap_len), ids)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step >= 2:                                    # two warm-up steps
+                samples.append(time.perf_counter() - t0)
+        times[hidden] = statistics.median(samples)
+    steps = -(-args.captions // b) * args.epochs
+    base = times[widths[0]]
+    for hidden in widths:
+        rows.append([hidden or "0 (linear)", 1000 * times[hidden], times[hidden] / base, steps * times[hidden] / 60])
+    print(f"\nembed {d}, batch {b} captions, {r} regions, {words} words, torch threads {torch.get_num_threads()}, "
+          f"median of {args.repeats} steps; fit = {args.captions:,} captions x {args.epochs} epochs = {steps:,} steps:\n")
+    print(markdown_table(["hidden units", "ms / step", f"x hidden {widths[0]}", "fit minutes"], rows))
+
+
+# --------------------------------------------------------------------------------------------
 # latency
 # --------------------------------------------------------------------------------------------
 def run_latency(args) -> None:
@@ -362,6 +405,15 @@ def main() -> None:
     p.add_argument("--embed_size", type=int, default=64)
     p.add_argument("--sim_dim", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("fit-cost", help=run_fit_cost.__doc__.split("\n")[0])
+    p.add_argument("--embed_size", type=int, default=1024)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--regions", type=int, default=36)
+    p.add_argument("--words", type=int, default=13)
+    p.add_argument("--hidden", default="0,512", help="head widths, the first is the baseline")
+    p.add_argument("--captions", type=int, default=566_435, help="training captions (default: COCO's)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
     p = sub.add_parser("recall")
     p.add_argument("--checkpoint", action="append", required=True)
     p.add_argument("--data_path", required=True)
@@ -386,7 +438,8 @@ def main() -> None:
         q.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"eval": run_eval, "sampled": run_sampled, "pairs": run_pairs, "recall": run_recall, "latency": run_latency,
+    {"eval": run_eval, "sampled": run_sampled, "pairs": run_pairs, "recall": run_recall, "fit-cost": run_fit_cost,
+     "latency": run_latency,
      "latency-worker": run_latency_worker}[args.what](args)
 
 
