@@ -165,7 +165,11 @@ def test_health_info_docs_and_page(client):
     assert info["thumbnails"] is True and info["examples"][0] == CAPTIONS[0][0]
     assert info["server"]["workers"] >= 1
     assert "/api/search" in client.get("/openapi.json").json()["paths"]
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text   # no CDN
+    assert "cdn" not in docs.text.lower()
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="q"' in page.text and "/static/app.js" in page.text
@@ -412,6 +416,9 @@ def test_page_in_headless_chromium(tmp_path):
             page.goto(url + "/?q=" + "x" * 1500)                       # an error is shown, not a crash
             page.wait_for_selector("#error:not([hidden])")
             assert "at most" in page.inner_text("#error")
+            page.goto(url + "/docs")                                   # Swagger UI renders offline
+            page.wait_for_selector(".opblock-summary-path")
+            assert "/api/search" in page.inner_text(".swagger-ui")
             assert not errors, errors
         finally:
             browser.close()

@@ -8,7 +8,8 @@ milliseconds into one batched search call.
 Routes: ``GET /`` (the page, plain HTML/CSS/JS from ``static/``), ``GET /api/search`` (``q`` for
 text -> image, ``image_id`` for image -> text, with ``k`` and ``shortlist``), ``GET /api/health``,
 ``GET /api/info``, ``GET /api/thumbnail/{image_id}`` (the gallery image's picture when the
-gallery has one) and FastAPI's ``/docs``. Bad input is answered with HTTP 4xx and the JSON body
+gallery has one) and the OpenAPI page ``/docs`` (Swagger UI served from the files that the ``fastapi-offline``
+package ships, so it works offline; FastAPI's default loads it from a CDN). Bad input is answered with HTTP 4xx and the JSON body
 ``{"error": "<one line>", "parameter": "<name>"}``; nothing a client sends produces a 500 or a
 stack trace, and the server keeps serving.
 """
@@ -25,14 +26,18 @@ from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+import fastapi_offline
 
 from ..errors import VSLError
 from .batching import QueryBatcher
 
 STATIC = Path(__file__).with_name("static")
+#: Swagger UI's script, style and icon (a build that reads OpenAPI 3.1, which FastAPI writes).
+DOCS_ASSETS = Path(fastapi_offline.__file__).with_name("static")
 #: Longest accepted text query, in characters (the model's captions are a few dozen words; a longer
 #: "query" is a mistake or an abuse, and tokenising it would only cost time).
 MAX_QUERY_CHARS = 1000
@@ -117,6 +122,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="vsl search", version=str(info.get("vsl_version", "")), lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Image-text retrieval over a `vsl index`: a vector shortlist, then the "
                               "exact SGR/SAF score on the shortlist.")
     app.state.batcher, app.state.index = batcher, index
@@ -234,5 +240,13 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="vsl search: API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png")
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
     return app
