@@ -8,10 +8,10 @@ milliseconds into one batched search call.
 Routes: ``GET /`` (the page, plain HTML/CSS/JS from ``static/``), ``GET /api/search`` (``q`` for
 text -> image, ``image_id`` for image -> text, with ``k`` and ``shortlist``), ``GET /api/health``,
 ``GET /api/info``, ``GET /api/thumbnail/{image_id}`` (the gallery image's picture when the
-gallery has one) and the OpenAPI page ``/docs`` (Swagger UI served from the files that the ``fastapi-offline``
-package ships, so it works offline; FastAPI's default loads it from a CDN). Bad input is answered with HTTP 4xx and the JSON body
-``{"error": "<one line>", "parameter": "<name>"}``; nothing a client sends produces a 500 or a
-stack trace, and the server keeps serving.
+gallery has one) and the OpenAPI page ``/docs`` (Swagger UI from the files that the
+``fastapi-offline`` package ships, so it works offline; FastAPI's default loads it from a CDN).
+Bad input is answered with HTTP 4xx and the JSON body ``{"error": "<one line>", "parameter":
+"<name>"}``; nothing a client sends produces a 500 or a stack trace, and the server keeps serving.
 """
 from __future__ import annotations
 
