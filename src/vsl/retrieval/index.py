@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -165,6 +165,26 @@ class _Progress:
         atomic_write_text(self.path, json.dumps({"options": self.options, "blocks": self.done}))
 
 
+def _write_blocks(side: str, total: int, block: int, batch_size: int, write: Callable[[int, int], None],
+                  arrays: Sequence[np.ndarray], progress: "_Progress", done: set, distributed, show: bool) -> None:
+    """Fill this process's unfinished blocks of ``total`` items (``block`` each), ``write(i, j)``
+    writing rows ``i:j`` of ``arrays`` ``batch_size`` at a time; a block is marked finished only
+    after ``arrays`` are flushed, so a resumed build never trusts rows that did not reach the disk."""
+    blocks = [b for b in _block_range(-(-total // block), distributed) if b not in done]
+    bar = progress_bar(total, f"index {side}", enabled=show, unit=side[:3], unit_scale=True,
+                       initial=min(total, len(done) * block))
+    for b in blocks:
+        lo, hi = b * block, min(total, (b + 1) * block)
+        for i in range(lo, hi, batch_size):
+            j = min(hi, i + batch_size)
+            write(i, j)
+            bar.update(j - i)
+        for array in arrays:
+            array.flush()
+        progress.mark(b)
+    bar.close()
+
+
 def _open_array(path: Path, shape: Tuple[int, ...], dtype, fresh: bool) -> np.ndarray:
     """A writable ``.npy`` memmap: created (sparse) when ``fresh``, else reopened after checking its header."""
     if not fresh and path.is_file():
@@ -259,21 +279,14 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
     # Images: region embeddings and global vectors, block by block.
     regions = np.lib.format.open_memmap(out / FILES["regions"], mode="r+")
     img_global = np.lib.format.open_memmap(out / FILES["image_global"], mode="r+")
-    blocks = [b for b in _block_range(-(-n // block_images), distributed) if b not in img_done]
-    bar = progress_bar(n, "index images", enabled=show, unit="img", unit_scale=True,
-                       initial=min(n, len(img_done) * block_images))
-    for b in blocks:
-        lo, hi = b * block_images, min(n, (b + 1) * block_images)
-        for i in range(lo, hi, batch_size):
-            j = min(hi, i + batch_size)
-            emb = model.encode_images(torch.from_numpy(gallery.read(i, j)).to(dev))
-            regions[i:j] = emb.cpu().numpy().astype(store)
-            img_global[i:j] = model.shortlist.images(emb).cpu().numpy()
-            bar.update(j - i)
-        regions.flush()
-        img_global.flush()
-        img_progress.mark(b)
-    bar.close()
+
+    def write_images(i: int, j: int) -> None:
+        emb = model.encode_images(torch.from_numpy(gallery.read(i, j)).to(dev))          # (b, R, d)
+        regions[i:j] = emb.cpu().numpy().astype(store)
+        img_global[i:j] = model.shortlist.images(emb).cpu().numpy()
+
+    _write_blocks("images", n, block_images, batch_size, write_images, (regions, img_global), img_progress,
+                  img_done, distributed, show)
     del regions, img_global
 
     # Captions: word embeddings back to back, and global vectors.
@@ -281,23 +294,16 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
         ids, lens = pad_token_ids(tokens)
         words = np.lib.format.open_memmap(out / FILES["words"], mode="r+")
         cap_global = np.lib.format.open_memmap(out / FILES["caption_global"], mode="r+")
-        blocks = [b for b in _block_range(-(-m // block_captions), distributed) if b not in cap_done]
-        bar = progress_bar(m, "index captions", enabled=show, unit="cap", unit_scale=True,
-                           initial=min(m, len(cap_done) * block_captions))
-        for b in blocks:
-            lo, hi = b * block_captions, min(m, (b + 1) * block_captions)
-            for i in range(lo, hi, batch_size):
-                j = min(hi, i + batch_size)
-                batch_lens = lens[i:j]
-                emb = model.encode_captions(ids[i:j, :int(batch_lens.max())].to(dev), batch_lens)   # (b, L, d)
-                mask = torch.arange(emb.size(1)) < batch_lens.unsqueeze(1)
-                words[offsets[i]:offsets[j]] = emb.cpu()[mask].numpy().astype(store)   # row-major = caption order
-                cap_global[i:j] = model.shortlist.captions(emb, batch_lens.to(dev)).cpu().numpy()
-                bar.update(j - i)
-            words.flush()
-            cap_global.flush()
-            cap_progress.mark(b)
-        bar.close()
+
+        def write_captions(i: int, j: int) -> None:
+            batch_lens = lens[i:j]
+            emb = model.encode_captions(ids[i:j, :int(batch_lens.max())].to(dev), batch_lens)   # (b, L, d)
+            mask = torch.arange(emb.size(1)) < batch_lens.unsqueeze(1)
+            words[offsets[i]:offsets[j]] = emb.cpu()[mask].numpy().astype(store)   # row-major = caption order
+            cap_global[i:j] = model.shortlist.captions(emb, batch_lens.to(dev)).cpu().numpy()
+
+        _write_blocks("captions", m, block_captions, batch_size, write_captions, (words, cap_global), cap_progress,
+                      cap_done, distributed, show)
         del words, cap_global
     _barrier(distributed)
 
