@@ -105,7 +105,7 @@ def run_eval(args) -> None:
         evaluate_shortlist([args.checkpoint], args.data_path, args.split, shortlist=again, **common)
         times[again].append(time.perf_counter() - t0)
 
-    header = ["method", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "max |dR@1|", "max |dR@5,10|",
+    header = ["method", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "max abs dR@1", "max abs dR@5,10",
               "shortlist recall i2t/t2i", "pairs scored", "seconds", "speed-up"]
     rows = []
     has_metrics = "i2t" in exhaustive

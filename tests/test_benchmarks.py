@@ -175,3 +175,15 @@ def test_bench_retrieval_pairs_smoke(capsys):
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| SGR") or line.startswith("| SAF")]
     assert len(rows) == 2
     assert all(float(row[5]) <= 1e-6 for row in rows)
+
+
+def test_bench_retrieval_fit_cost_smoke(capsys):
+    """bench_retrieval.py fit-cost: one row per head width, the first the baseline (ratio 1)."""
+    import argparse
+    bench = load_benchmark("bench_retrieval")
+    bench.run_fit_cost(argparse.Namespace(embed_size=16, batch_size=8, regions=6, words=4, hidden="0,32",
+                                          captions=100, epochs=2, repeats=1))
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    assert [r[0] for r in rows[1:]] == ["0 (linear)", "32"] and float(rows[1][2]) == 1.0
+    assert "26 steps" in out                                      # ceil(100 / 8) x 2 epochs
