@@ -89,15 +89,18 @@ def open_features(path: PathLike) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
 
 
-def check_finite(features: np.ndarray, path: PathLike, first_image: int = 0) -> None:
+def check_finite(features: np.ndarray, path: PathLike, first_image: int = 0,
+                 image_ids: Optional[Sequence[int]] = None) -> None:
     """DataError naming the file and image when ``features`` (one image or a batch) hold NaN or inf.
 
-    A NaN feature would otherwise turn a whole row of scores into NaN, or stop training with a
-    NaN loss far from its cause.
+    The images of a batch are ``first_image, first_image + 1, ...``, or ``image_ids`` when the batch
+    is not a contiguous run of the file. A NaN feature would otherwise turn a whole row of scores
+    into NaN, or stop training with a NaN loss far from its cause.
     """
     finite = np.isfinite(features)
     if not finite.all():
-        bad = first_image + (int(np.argwhere(~finite)[0][0]) if features.ndim == 3 else 0)
+        row = int(np.argwhere(~finite)[0][0]) if features.ndim == 3 else 0
+        bad = int(image_ids[row]) if image_ids is not None else first_image + row
         raise DataError(f"{path}: image {bad} has non-finite features (NaN or inf)")
 
 

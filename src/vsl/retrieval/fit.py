@@ -103,9 +103,7 @@ def frozen_embeddings(model, images: np.ndarray, token_ids: Sequence[Sequence[in
     for i in range(0, len(keep), batch_size):
         rows = keep[i:i + batch_size]
         array = np.asarray(images[rows], dtype=np.float32)              # reads only these rows of a memmap
-        bad = ~np.isfinite(array).reshape(len(rows), -1).all(axis=1)
-        if bad.any():                                                    # name the image by its own index
-            check_finite(array[bad][:1], source, int(rows[bad][0]))
+        check_finite(array, source, image_ids=rows)
         emb = model.encode_images(torch.from_numpy(array).to(device))                 # (b, R, d)
         img_store[i:i + len(rows)] = (emb.mean(dim=1, keepdim=True) if pooled else emb).cpu().half()
         bar.update(len(rows))
