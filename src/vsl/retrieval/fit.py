@@ -30,6 +30,7 @@ from ..fileio import check_writable
 from ..logs import progress_bar
 from ..models import build_model
 from ..models.shortlist import ShortlistHead, masked_mean, shortlist_loss
+from .index import padded_words
 from .recall import REPORT_KS, shortlist_recall
 
 PathLike = Union[str, os.PathLike]
@@ -62,10 +63,7 @@ class FrozenEmbeddings:
     def captions(self, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Captions ``idx (B,)`` as zero-padded ``(B, L, d)`` float32 and their ``(B,)`` lengths."""
         lengths = self.lengths[idx]
-        steps = torch.arange(int(lengths.max()))
-        valid = steps < lengths.unsqueeze(1)                                           # (B, L)
-        rows = (self.offsets[idx].unsqueeze(1) + steps).masked_fill(~valid, 0)         # padding reads row 0
-        return self.words[rows].float() * valid.unsqueeze(-1), lengths
+        return padded_words(self.words, self.offsets[idx].numpy(), lengths.numpy()), lengths
 
 
 def _fitting_images(per_image: np.ndarray, max_bytes: float, seed: int) -> np.ndarray:

@@ -185,6 +185,19 @@ def _write_blocks(side: str, total: int, block: int, batch_size: int, write: Cal
     bar.close()
 
 
+def padded_words(words, starts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+    """Captions stored packed (word embeddings one caption after another, ``words (W, d)``: a memmap,
+    an array or a CPU tensor) as zero-padded ``(len, L, d)`` float32: caption j is rows
+    ``starts[j] : starts[j] + lengths[j]``. One gather of just those rows (a memmap reads no others),
+    scattered into the padded layout."""
+    width = int(lengths.max())
+    rows = starts[:, None] + np.arange(width)[None, :]
+    valid = np.arange(width)[None, :] < lengths[:, None]
+    out = np.zeros((len(starts), width, words.shape[1]), dtype=np.float32)
+    out[valid] = np.asarray(words[rows[valid]], dtype=np.float32)
+    return torch.from_numpy(out)
+
+
 def _open_array(path: Path, shape: Tuple[int, ...], dtype, fresh: bool) -> np.ndarray:
     """A writable ``.npy`` memmap: created (sparse) when ``fresh``, else reopened after checking its header."""
     if not fresh and path.is_file():
@@ -591,15 +604,9 @@ class Index:
 
     def _caption_words(self, caption_ids: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Zero-padded word embeddings ``(len, L, d)`` float32 and lengths ``(len,)`` of ``caption_ids``."""
-        starts, stops = self.offsets[caption_ids], self.offsets[caption_ids + 1]
-        lengths = stops - starts
-        L = int(lengths.max())
-        # One gather of all the captions' rows (vectorised), scattered into the padded layout.
-        rows = (starts[:, None] + np.arange(L)[None, :])
-        valid = np.arange(L)[None, :] < lengths[:, None]
-        out = np.zeros((len(caption_ids), L, self.words.shape[1]), dtype=np.float32)
-        out[valid] = self.words[rows[valid]]
-        return torch.from_numpy(out).to(self.device), torch.from_numpy(lengths)
+        starts = self.offsets[caption_ids]
+        lengths = self.offsets[caption_ids + 1] - starts
+        return padded_words(self.words, starts, lengths).to(self.device), torch.from_numpy(lengths)
 
 
 def read_manifest(path: Path) -> Dict[str, Any]:
