@@ -375,14 +375,19 @@ def run_latency_worker(args) -> None:
                       "bytes_per_image": index.manifest["bytes_per_image"]}))
 
 
+def split_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """The checkpoint(s) and the split that the eval, sampled and recall benchmarks read."""
+    parser.add_argument("--checkpoint", required=True, **({"action": "append"} if several else {}))
+    parser.add_argument("--data_path", required=True)
+    parser.add_argument("--vocab_path", required=True)
+    parser.add_argument("--split", default="test")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("eval")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data_path", required=True)
-    p.add_argument("--vocab_path", required=True)
-    p.add_argument("--split", default="test")
+    split_arguments(p)
     p.add_argument("--ks", default="10,50,100,200")
     p.add_argument("--exhaustive", choices=("run", "estimate"), default="run")
     p.add_argument("--estimate_images", type=int, default=256)
@@ -390,10 +395,7 @@ def main() -> None:
     p.add_argument("--plot", default=None)
     p.add_argument("--json", default=None)
     p = sub.add_parser("sampled")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data_path", required=True)
-    p.add_argument("--vocab_path", required=True)
-    p.add_argument("--split", default="test")
+    split_arguments(p)
     p.add_argument("--ks", default="100")
     p.add_argument("--sample_images", type=int, default=100)
     p.add_argument("--sample_captions", type=int, default=500)
@@ -415,10 +417,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p = sub.add_parser("recall")
-    p.add_argument("--checkpoint", action="append", required=True)
-    p.add_argument("--data_path", required=True)
-    p.add_argument("--vocab_path", required=True)
-    p.add_argument("--split", default="test")
+    split_arguments(p, several=True)
     p = sub.add_parser("latency")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--features", required=True)
