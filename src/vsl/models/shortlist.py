@@ -75,7 +75,7 @@ class ShortlistHead(nn.Module):
 
     def __init__(self, embed_size: int, dim: int, hidden: int = 0):
         super().__init__()
-        self.dim, self.hidden = dim, hidden
+        self.dim = dim
         self.image = _SetEncoder(embed_size, dim, hidden)
         self.caption = _SetEncoder(embed_size, dim, hidden)
 
