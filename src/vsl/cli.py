@@ -121,8 +121,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _config_option(opt, "--stop_on_plateau", dest="stop_on_plateau", type=int,
                    help="stop (checkpoint_last written, exit 0) after N iterations on the plateau of constant "
                         "scores; 0 = only warn")
-    _config_option(opt, "--plateau_std", dest="plateau_std", type=float,
-                   help="the plateau: standard deviation of the batch's scores below this ...")
+    _config_option(opt, "--plateau_spread", dest="plateau_spread", type=float,
+                   help="the plateau: standard deviation of the batch's scores at most this x --margin ...")
     _config_option(opt, "--plateau_log_steps", dest="plateau_log_steps", type=int,
                    help="... and triplet loss at its collapsed value (2*B*margin) for N consecutive log steps "
                         "(0 = no detection)")

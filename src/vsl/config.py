@@ -80,7 +80,8 @@ class Config:
     textual_semantic_loss: bool = False
 
     # --- plateau of constant scores (vsl.train.plateau) ---
-    plateau_std: float = 1e-4                  # collapsed: std of the batch's scores below this ...
+    plateau_spread: float = 0.0025             # collapsed: std of the batch's scores <= this x margin and
+                                               # the triplet loss within 1 % of 2*B*margin (batch of B) ...
     plateau_log_steps: int = 5                 # ... at this many consecutive log steps (0: no detection)
     stop_on_plateau: int = 0                   # stop after this many iterations on the plateau (0: never)
 
@@ -122,8 +123,8 @@ class Config:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.negatives_warmup_lr is not None and not self.negatives_warmup_lr > 0:
             raise ConfigError(f"negatives_warmup_lr must be positive, got {self.negatives_warmup_lr}")
-        if not self.plateau_std >= 0:
-            raise ConfigError(f"plateau_std must be >= 0, got {self.plateau_std}")
+        if not self.plateau_spread >= 0:
+            raise ConfigError(f"plateau_spread must be >= 0, got {self.plateau_spread}")
         if self.module_name == "SGR" and self.sgr_step < 1:
             raise ConfigError(f"sgr_step must be positive for SGR, got {self.sgr_step}")
         if self.shortlist_loss not in SHORTLIST_LOSSES:

@@ -179,7 +179,7 @@ class Trainer:
                                       vsl_weight=config.vsl_weight, temperature=config.vsl_temperature,
                                       vsl_rank=config.vsl_rank, textual=config.textual_semantic_loss)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
-        self.plateau = PlateauDetector(config.plateau_std, config.plateau_log_steps)
+        self.plateau = PlateauDetector(config.plateau_spread, config.plateau_log_steps)
         self.stopped: Optional[str] = None          # why the run stopped before num_epochs
         self.last_batch_size = 0                    # B of the last step's (B, B) scores
 
@@ -319,7 +319,7 @@ class Trainer:
         """Warn and log once per plateau; True when ``stop_on_plateau`` says to stop now."""
         cfg = self.config
         if self.plateau.announce() and self.is_main:
-            tqdm.write(plateau.warning(cfg.plateau_std), file=sys.stderr)
+            tqdm.write(plateau.warning(self.plateau.std_threshold(cfg.margin)), file=sys.stderr)
             self.logger.log(plateau.step, "plateau", epoch=epoch, since=plateau.since, score_std=plateau.score_std,
                             triplet=plateau.triplet, collapsed=plateau.collapsed)
         if cfg.stop_on_plateau <= 0 or plateau.iterations < cfg.stop_on_plateau:
@@ -364,7 +364,9 @@ class Trainer:
             bar.update(1)
             if self.pos.iteration % cfg.log_step == 0 or self.pos.batch == total:
                 values = {k: float(v) for k, v in parts.items()}
-                self.logger.log(self.pos.iteration, "train", epoch=epoch, lr=lr, **values)
+                # batch_size: the plateau's collapsed value is that of the batch drawn (the last is short).
+                self.logger.log(self.pos.iteration, "train", epoch=epoch, lr=lr, batch_size=self.last_batch_size,
+                                **values)
                 bar.set_postfix(loss=f"{values['loss']:.4g}", triplet=f"{values['triplet']:.4g}",
                                 vsl=f"{values['vsl']:.4g}", lr=f"{lr:.2g}", refresh=False)
                 plateau = self.plateau.update(self.pos.iteration, values["triplet"], values["score_std"],
