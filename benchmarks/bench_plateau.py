@@ -13,8 +13,8 @@ plateau is the triplet loss's): ``paper`` (hardest negatives from the first iter
 the same invocation. Reported per run: the first logged iteration at which the run has left the
 plateau (triplet loss below 0.9 x its collapsed value, :func:`vsl.train.plateau.left_plateau`;
 2*B*margin with hardest negatives, 2*B*(B-1)*margin while the hinge is summed), whether the run
-warned of a plateau (a ``plateau`` event in its log), the dev rsum after each epoch and the wall
-time. Each run is bounded by ``--run_timeout``.
+warned of a plateau (a ``plateau`` event in its log: at which iteration, and ``since``), the dev
+rsum after each epoch and the wall time. Each run is bounded by ``--run_timeout``.
 
 Usage: python benchmarks/bench_plateau.py [--datasets demo cocosim] [--epochs 3] [--images 1500]
        [--captions ../shared/data/coco_precomp] [--seed 0] [--jobs 2] [--workdir DIR]
@@ -73,7 +73,8 @@ def plateau_exit(events: List[Dict[str, Any]], captions: int, batch: int, margin
         if e.get("split") != "train":
             continue
         step = e["step"]
-        b = captions - (per_epoch - 1) * batch if step % per_epoch == 0 else batch   # the last batch is smaller
+        b = e.get("batch_size")         # logged since issue 22; before, inferred: the last batch is smaller
+        b = int(b) if b is not None else captions - (per_epoch - 1) * batch if step % per_epoch == 0 else batch
         if left_plateau(e["triplet"], b, margin, hardest=e["epoch"] >= negatives_warmup):
             return step
     return None
@@ -101,7 +102,8 @@ def run_one(dataset: str, recipe_name: str, data: Dict[str, Any], workdir: Path,
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps({"cmd": cmd, "status": status, "seconds": seconds}))
     events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    warned = any(e.get("split") == "plateau" for e in events)
+    warned = next(({"since": int(e["since"]), "step": int(e["step"])} for e in events if e.get("split") == "plateau"),
+                  None)
     captions = sum(1 for _ in open(Path(data["data_path"]) / data["data_name"] / "train_caps.txt"))
     exit_step = plateau_exit(events, captions, SIZES["batch_size"], 0.2, recipe.get("negatives_warmup_epochs", 0))
     val = [e for e in events if e.get("split") == "val"]
@@ -158,7 +160,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             prefix = "" if base["left_plateau_at"] is not None else "<"
             ratio = f"{prefix}{r['left_plateau_at'] / b:.2f}" if r["left_plateau_at"] is not None and b else "-"
         left = r["left_plateau_at"] if r["left_plateau_at"] is not None else f"not in {r['iterations']}"
-        table.append([r["dataset"], r["recipe"], left, ratio, "yes" if r["warned"] else "no",
+        warned = f"yes (iteration {r['warned']['step']}, since {r['warned']['since']})" if r["warned"] else "no"
+        table.append([r["dataset"], r["recipe"], left, ratio, warned,
                       " / ".join(f"{x:.1f}" for x in r["dev_rsum"]) or "-",
                       r["dev_rsum"][-1] if r["dev_rsum"] else "-",
                       "-" if r["seconds"] is None else str(round(r["seconds"])), r["status"]])
