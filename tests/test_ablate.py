@@ -127,7 +127,7 @@ def test_slots_split_the_cores_on_cpu_and_give_one_run_per_gpu(monkeypatch):
 # --- a study folder without training: fake commands ----------------------------------------------
 @pytest.fixture
 def tiny_data(tmp_path_factory):
-    from vsl.demo import data as dd
+    from vsl.data import demo as dd
 
     out = tmp_path_factory.mktemp("data")
     info = dd.make_demo_data(out, dd.DemoSpec(seed=1, train_images=20, dev_images=6, test_images=8, img_dim=16))

@@ -379,7 +379,7 @@ def test_page_in_headless_chromium(tmp_path):
     """Type a query on the page in a real browser, see result cards with pictures, click one."""
     from playwright.sync_api import sync_playwright
 
-    from vsl.demo.data import DemoSpec, make_demo_data, sample_split, thumbnails_dir
+    from vsl.data.demo import DemoSpec, make_demo_data, sample_split, thumbnails_dir
 
     spec = DemoSpec(seed=1, train_images=20, dev_images=10, test_images=24, img_dim=16)
     make_demo_data(tmp_path / "demo", spec)

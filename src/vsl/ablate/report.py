@@ -20,7 +20,8 @@ import numpy as np
 
 from ..fileio import atomic_write, atomic_write_text
 from . import stats
-from .runner import Run, read_log
+from ..logs import read_log
+from .runner import Run
 from .studies import Study
 
 #: Metrics averaged over seeds: the recalls and rsum, then median and mean ranks.

@@ -21,7 +21,7 @@ from ..checkpoint import load_state, read_checkpoint
 from ..config import Config
 from ..data import SPLITS, PrecompDataset, Vocabulary, check_fits, vocab_file
 from ..device import resolve_device
-from ..distributed.process import DistInfo
+from ..distributed import DistInfo
 from ..errors import ConfigError
 from ..fileio import atomic_write, check_writable
 from ..logs import progress_bar
