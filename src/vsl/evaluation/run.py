@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -17,52 +16,17 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..checkpoint import load_state, read_checkpoint
-from ..config import Config
-from ..data import SPLITS, PrecompDataset, Vocabulary, check_fits, vocab_file
+from ..data import SPLITS
 from ..device import resolve_device
 from ..distributed import DistInfo
 from ..errors import ConfigError
 from ..fileio import atomic_write, check_writable
 from ..logs import progress_bar
-from ..models import VSLModel, build_model
-from .encode import encode_split, score
+from ..runtime import encode_split, load_for_use
+from .encode import score
 from .sharding import image_shard
 
 PathLike = Union[str, os.PathLike]
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints -> models
-# --------------------------------------------------------------------------------------------
-@dataclass
-class LoadedModel:
-    path: Path
-    model: VSLModel
-    config: Config
-    vocab: object
-
-
-def load_for_eval(path: PathLike, device: torch.device, vocab_path: Optional[PathLike] = None,
-                  data_name: Optional[str] = None, **overrides) -> LoadedModel:
-    """A checkpoint (published or vsl format) as an eval-mode model plus its vocabulary.
-
-    The vocabulary is ``{vocab_path}/{data_name}_vocab.json``, both taken from the checkpoint's
-    options unless given (published checkpoints hold no vocabulary). ``overrides`` replace options
-    that do not change the weights (``precision``, ``score_chunk``); None values are ignored.
-    """
-    path = Path(path)
-    ckpt = read_checkpoint(path)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if data_name is not None:
-        overrides["data_name"] = data_name
-    if vocab_path is not None:
-        overrides["vocab_path"] = str(vocab_path)
-    config = ckpt["config"].replace(**overrides)
-    vocab = Vocabulary.from_json(vocab_file(config.vocab_path, config.data_name))
-    model = build_model(config)
-    load_state(model, ckpt["model"], path, ckpt["shortlist"])
-    return LoadedModel(path, model.to(device).eval(), config, vocab)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,16 +61,15 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
             check_writable(target, "file")
     dev = dist_info.device if distributed is not None else resolve_device(device)
     progress = progress and dist_info.is_main
-    loaded = [load_for_eval(p, dev, vocab_path, data_name, precision=precision, score_chunk=score_chunk)
+    loaded = [load_for_use(p, dev, vocab_path, data_name, precision=precision, score_chunk=score_chunk)
               for p in checkpoints]
     names = {m.config.data_name for m in loaded}
     if len(names) > 1:
         raise ConfigError(f"the checkpoints were trained on different datasets ({', '.join(sorted(names))}); "
                           "pass --data_name")
-    data_path = data_path if data_path is not None else loaded[0].config.data_path
-    dataset = PrecompDataset(data_path, loaded[0].config.data_name, split, loaded[0].vocab)
-    for m in loaded:
-        check_fits(m.config, dataset, m.vocab, source=m.path)
+    opened = [m.open_split(data_path if data_path is not None else loaded[0].config.data_path, split)
+              for m in loaded]
+    dataset = opened[0].dataset
     cpi = dataset.captions_per_image
     num_images = dataset.num_images
     blocks = metrics.fold_slices(protocol, num_images, cpi, full_matrix=save_sims is not None)
@@ -114,10 +77,9 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
     # This process's share of the pairs (all of them in a single process).
     pairs_per_model = sum(_shard_size(s.stop - s.start, dist_info) * (c.stop - c.start) for s, c in blocks)
     sums: List[Optional[torch.Tensor]] = [None] * len(blocks)
-    for m in loaded:
-        tokens = [m.vocab.encode(c) for c in dataset.captions]
-        emb = encode_split(m.model, dataset.images[:num_images], tokens, batch_size=batch_size,
-                           source=str(dataset.images_path),
+    for m, split_of_m in zip(loaded, opened):
+        emb = encode_split(m.model, split_of_m.images, split_of_m.token_ids, batch_size=batch_size,
+                           source=split_of_m.source,
                            progress=progress, precision=m.config.precision, desc=f"encode {m.path.name}")
         bar = progress_bar(pairs_per_model, f"score {m.path.name}", enabled=progress, unit="pair", unit_scale=True)
         for b, (img_s, cap_s) in enumerate(blocks):
@@ -144,6 +106,10 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
 def _shard_size(num_images: int, dist_info: DistInfo) -> int:
     start, stop = image_shard(num_images, dist_info.rank, dist_info.world_size)
     return stop - start
+
+
+#: The name of :func:`vsl.runtime.load_for_use` before the loading layer moved to the library.
+load_for_eval = load_for_use
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from ..config import INDEX_DTYPES, INDEX_TYPES
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fileio import atomic_write, atomic_write_text, check_writable
 from ..logs import progress_bar
+from ..runtime import pad_token_ids, padded_words, require_shortlist  # noqa: F401  (padded_words re-exported)
 from .gallery import feature_gallery, split_gallery
 
 PathLike = Union[str, os.PathLike]
@@ -65,14 +66,6 @@ def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def require_shortlist(model, source: PathLike) -> None:
-    """CheckpointError naming ``vsl fit-shortlist`` when ``model`` has no shortlist head."""
-    if getattr(model, "shortlist", None) is None:
-        raise CheckpointError(f"{source}: checkpoint has no shortlist head; fit one first with "
-                              f"`vsl fit-shortlist --checkpoint {source} --data_path DATA --out CK2` "
-                              "(or train with --shortlist_weight) and index with CK2")
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,19 +178,6 @@ def _write_blocks(side: str, total: int, block: int, batch_size: int, write: Cal
     bar.close()
 
 
-def padded_words(words, starts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
-    """Captions stored packed (word embeddings one caption after another, ``words (W, d)``: a memmap,
-    an array or a CPU tensor) as zero-padded ``(len, L, d)`` float32: caption j is rows
-    ``starts[j] : starts[j] + lengths[j]``. One gather of just those rows (a memmap reads no others),
-    scattered into the padded layout."""
-    width = int(lengths.max())
-    rows = starts[:, None] + np.arange(width)[None, :]
-    valid = np.arange(width)[None, :] < lengths[:, None]
-    out = np.zeros((len(starts), width, words.shape[1]), dtype=np.float32)
-    out[valid] = np.asarray(words[rows[valid]], dtype=np.float32)
-    return torch.from_numpy(out)
-
-
 def _open_array(path: Path, shape: Tuple[int, ...], dtype, fresh: bool) -> np.ndarray:
     """A writable ``.npy`` memmap: created (sparse) when ``fresh``, else reopened after checking its header."""
     if not fresh and path.is_file():
@@ -223,9 +203,8 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
     Running the same command again after an interruption resumes at the first unfinished block;
     an index already complete for the same checkpoint and options is left as it is.
     """
-    from ..data import PrecompDataset, check_fits
     from ..device import resolve_device
-    from ..evaluation import load_for_eval, pad_token_ids
+    from ..runtime import load_for_use
 
     if dtype not in INDEX_DTYPES:
         raise ConfigError(f"index dtype must be one of {INDEX_DTYPES}, got {dtype!r}")
@@ -238,8 +217,7 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
     out = Path(out)
     check_writable(out, "folder")
     dev = distributed.device if distributed is not None else resolve_device(device)
-    loaded = load_for_eval(checkpoint, dev, vocab_path, data_name)
-    require_shortlist(loaded.model, checkpoint)
+    loaded = load_for_use(checkpoint, dev, vocab_path, data_name, shortlist=True)
     model, config = loaded.model, loaded.config
     if features is not None:
         gallery = feature_gallery(features)
@@ -250,9 +228,7 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
         source = {"features": [str(Path(s).resolve()) for s in gallery.sources]}
     else:
         data_path = data_path if data_path is not None else config.data_path
-        dataset = PrecompDataset(data_path, config.data_name, split, loaded.vocab)
-        check_fits(config, dataset, loaded.vocab, source=checkpoint)
-        gallery = split_gallery(dataset)
+        gallery = split_gallery(loaded.open_split(data_path, split).dataset)
         source = {"data_path": str(Path(data_path).resolve()), "split": split, "data_name": config.data_name}
     n, m = gallery.num_images, len(gallery.captions)
     d, dim = config.embed_size, config.shortlist_dim
@@ -438,7 +414,7 @@ class Index:
         match the manifest's (a CheckpointError otherwise).
         """
         from ..device import resolve_device
-        from ..evaluation import load_for_eval
+        from ..runtime import load_for_use
 
         path = Path(path)
         manifest = read_manifest(path)
@@ -451,8 +427,7 @@ class Index:
                                   f"{path} was built from ({manifest['checkpoint_sha256'][:12]}..., "
                                   f"{manifest['checkpoint']}); pass that checkpoint or rebuild the index")
         dev = resolve_device(device)
-        loaded = load_for_eval(ckpt, dev, vocab_path=path, data_name=manifest["data_name"])
-        require_shortlist(loaded.model, ckpt)
+        loaded = load_for_use(ckpt, dev, vocab_path=path, data_name=manifest["data_name"], shortlist=True)
         return cls(path, manifest, loaded.model, loaded.vocab, dev)
 
     def _check_shapes(self) -> None:
@@ -503,7 +478,6 @@ class Index:
     def search_text(self, queries: Sequence[str], k: int = 10, shortlist: int = 100) -> List[SearchResult]:
         """Images for each text query (one batch): exact scores of the top ``shortlist`` by cosine."""
         from ..data import tokenize
-        from ..evaluation import pad_token_ids
 
         start = time.perf_counter()
         if isinstance(queries, str):

@@ -18,7 +18,6 @@ import torch
 
 from .. import metrics
 from ..errors import ConfigError
-from .index import require_shortlist
 from .recall import REPORT_KS, shortlist_recall
 
 PathLike = Union[str, os.PathLike]
@@ -89,9 +88,9 @@ def evaluate_shortlist(checkpoints: Sequence[PathLike], data_path: Optional[Path
     One checkpoint with a shortlist head, in one process (``distributed`` with more than one
     process is refused).
     """
-    from ..data import PrecompDataset, check_fits
     from ..device import resolve_device
-    from ..evaluation import encode_split, load_for_eval, score, write_json
+    from ..evaluation import score, write_json
+    from ..runtime import encode_split, load_for_use
     from ..metrics import fold_slices, protocol_result
     from ..fileio import check_writable
     from ..logs import progress_bar
@@ -108,16 +107,13 @@ def evaluate_shortlist(checkpoints: Sequence[PathLike], data_path: Optional[Path
     if output is not None:
         check_writable(output, "file")
     dev = resolve_device(device)
-    loaded = load_for_eval(checkpoints[0], dev, vocab_path, data_name, precision=precision, score_chunk=score_chunk)
-    require_shortlist(loaded.model, checkpoints[0])
-    data_path = data_path if data_path is not None else loaded.config.data_path
-    dataset = PrecompDataset(data_path, loaded.config.data_name, split, loaded.vocab)
-    check_fits(loaded.config, dataset, loaded.vocab, source=checkpoints[0])
-    cpi, n = dataset.captions_per_image, dataset.num_images
+    loaded = load_for_use(checkpoints[0], dev, vocab_path, data_name, shortlist=True, precision=precision,
+                          score_chunk=score_chunk)
+    opened = loaded.open_split(data_path, split)
+    cpi, n = opened.dataset.captions_per_image, opened.dataset.num_images
     blocks = fold_slices(protocol, n, cpi)
-    tokens = [loaded.vocab.encode(c) for c in dataset.captions]
-    emb = encode_split(loaded.model, dataset.images[:n], tokens, batch_size=batch_size, progress=progress,
-                       precision=loaded.config.precision, source=str(dataset.images_path),
+    emb = encode_split(loaded.model, opened.images, opened.token_ids, batch_size=batch_size, progress=progress,
+                       precision=loaded.config.precision, source=opened.source,
                        desc=f"encode {loaded.path.name}")
     results, pairs, recalls = [], 0, []
     with precision_context(loaded.config.precision, dev):

@@ -42,7 +42,8 @@ from ..config import Config
 from ..errors import CheckpointError, ConfigError, VSLError
 from ..data import PrecompDataset, Vocabulary, build_semantics, check_fits, default_max_captions, make_loader, vocab_file
 from ..device import resolve_device
-from ..evaluation import encode_split, image_shard, score
+from ..evaluation import image_shard, score
+from ..runtime import encode_split
 from ..fileio import check_writable
 from ..logs import RunLogger, progress_bar
 from ..losses import VSLObjective
