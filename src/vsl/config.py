@@ -17,7 +17,6 @@ VSL_RANKS = ("released", "per-image")
 SEMANTICS = ("tfidf", "cider")
 PRECISIONS = ("fp32", "tf32", "bf16")
 SHORTLIST_LOSSES = ("infonce", "hinge")
-INDEX_TYPES = ("flat", "hnsw", "ivf")          # FAISS index of the shortlist vectors (vsl index)
 INDEX_DTYPES = ("float16", "float32")          # storage of an index's region and word embeddings
 #: Size of the shortlist head's vectors when a run asks for a head without naming its size.
 SHORTLIST_DIM = 256

@@ -5,10 +5,11 @@ Loading a checkpoint and encoding a split belong to the library (:mod:`vsl.runti
 are re-exported here for code written before they moved."""
 from ..runtime import Embeddings, LoadedModel, encode_split, pad_token_ids
 from .encode import score
-from .run import evaluate, load_for_eval, write_json, write_npy
+from .run import evaluate, evaluate_shortlist, load_for_eval, write_json, write_npy
 from .sharding import EVAL_IMAGE_BLOCK, image_shard, sharded_similarity
 
 __all__ = [
-    "Embeddings", "encode_split", "pad_token_ids", "score", "LoadedModel", "evaluate", "load_for_eval",
+    "Embeddings", "encode_split", "pad_token_ids", "score", "LoadedModel", "evaluate", "evaluate_shortlist",
+    "load_for_eval",
     "write_json", "write_npy", "EVAL_IMAGE_BLOCK", "image_shard", "sharded_similarity",
 ]

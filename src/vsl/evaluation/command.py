@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Dict
 
 from ..config import PRECISIONS
 from ..data.precomp import EVAL_SPLITS
-from ..errors import ConfigError
 from ..metrics import PROTOCOLS
 
 DESCRIPTION = """\
@@ -79,16 +79,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_eval_shortlist(args: argparse.Namespace) -> int:
-    from ..retrieval.twostage import evaluate_shortlist, format_shortlist
+    from .run import evaluate
 
-    if args.save_sims:
-        raise ConfigError("--save_sims needs the exhaustive score matrix; drop it or --shortlist")
-    result = evaluate_shortlist(args.checkpoint, args.data_path, args.split, args.protocol, shortlist=args.shortlist,
-                                compare_exhaustive=args.compare_exhaustive, vocab_path=args.vocab_path,
-                                data_name=args.data_name, device=args.device, batch_size=args.batch_size,
-                                output=args.output, progress=not args.quiet, precision=args.precision,
-                                score_chunk=args.score_chunk)
+    result = evaluate(args.checkpoint, args.data_path, args.split, args.protocol, shortlist=args.shortlist,
+                      compare_exhaustive=args.compare_exhaustive, vocab_path=args.vocab_path,
+                      data_name=args.data_name, device=args.device, batch_size=args.batch_size, output=args.output,
+                      progress=not args.quiet, precision=args.precision, score_chunk=args.score_chunk,
+                      save_sims=args.save_sims, save_ranks=args.save_ranks)
     print(format_shortlist(result))
     if args.output:
         print(f"wrote {args.output}")
     return 0
+
+
+def format_shortlist(result: Dict) -> str:
+    """The table of ``vsl eval --shortlist``: metrics, shortlist recall, pairs and time (and exhaustive)."""
+    from .. import metrics
+
+    sl = result["shortlist"]
+    lines = [f"{' + '.join(result['checkpoints'])} on {result['split']} ({result['images']} images, "
+             f"{result['captions']} captions), protocol {result['protocol']}, shortlist K = {sl['k']}:",
+             metrics.format_table(result),
+             f"shortlist recall at K = {sl['k']}: i2t {sl['recall_i2t']:.1f}%, t2i {sl['recall_t2i']:.1f}%; "
+             f"pairs scored {sl['pairs_scored']:,} of {sl['pairs_total']:,} "
+             f"({100 * sl['pairs_scored'] / max(1, sl['pairs_total']):.1f}%); {sl['seconds']:.1f} s end to end"]
+    ks = list(sl["recall"]["i2t"])
+    lines.append("shortlist recall at K " + ", ".join(
+        f"{k}: {sl['recall']['i2t'][k]:.1f}/{sl['recall']['t2i'][k]:.1f}" for k in ks) + " (i2t/t2i %)")
+    if "exhaustive" in result:
+        ex = result["exhaustive"]
+        lines += ["exhaustive scoring of the same embeddings:", metrics.format_table(ex),
+                  f"exhaustive scoring {ex['seconds_scoring']:.1f} s for {ex['pairs_scored']:,} pairs"]
+    return "\n".join(lines)

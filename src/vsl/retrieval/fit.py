@@ -27,10 +27,10 @@ from ..device import resolve_device
 from ..errors import ConfigError
 from ..fileio import check_writable
 from ..logs import progress_bar
+from ..metrics import REPORT_KS, shortlist_recall
 from ..models import build_model
 from ..models.shortlist import ShortlistHead, masked_mean, shortlist_loss
 from ..runtime import caption_batches, image_batches, load_for_use, pad_token_ids, padded_words
-from .recall import REPORT_KS, shortlist_recall
 
 PathLike = Union[str, os.PathLike]
 #: Bytes of one stored embedding value (float16).

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import INDEX_DTYPES, INDEX_TYPES
-from .index import BLOCK_IMAGES
+from ..config import INDEX_DTYPES
+from .faiss_index import FACTORY
+from .store import BLOCK_IMAGES
 
 
 DESCRIPTION = """\
@@ -31,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab_path", default=None, help="vocabulary folder (default: the checkpoint's)")
     parser.add_argument("--data_name", default=None, help="dataset name (default: the checkpoint's)")
     parser.add_argument("--dtype", choices=INDEX_DTYPES, default="float16", help="storage of the embeddings")
-    parser.add_argument("--index_type", choices=INDEX_TYPES, default="flat",
-                        help="FAISS index: flat = exact inner product; hnsw / ivf = approximate, for large galleries")
+    parser.add_argument("--index_type", default="flat",
+                        help="FAISS index of the shortlist vectors: " + ", ".join(f"{k} ({v})" for k, v in FACTORY.items())
+                             + " -- flat is exact, the others approximate, for large galleries -- or any FAISS "
+                             "factory string, e.g. IVF1024,PQ16")
     parser.add_argument("--batch_size", type=int, default=128, help="images/captions per encoding batch")
     parser.add_argument("--block_images", type=int, default=BLOCK_IMAGES,
                         help="images per resumable block (and per torchrun share unit)")
@@ -42,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..distributed import cleanup, launched_by_torchrun, setup_distributed
-    from .index import build_index, read_manifest
+    from .build import build_index
+    from .store import read_manifest
 
     info = setup_distributed(args.device) if launched_by_torchrun() else None
     try:
