@@ -26,7 +26,7 @@ SHORTLIST_DIM = 256
 class Config:
     """All options of a model and its training run.
 
-    Model fields (used by :func:`vsl.model.build_model`): ``module_name``, ``img_dim``,
+    Model fields (used by :func:`vsl.models.build_model`): ``module_name``, ``img_dim``,
     ``word_dim``, ``embed_size``, ``sim_dim``, ``num_layers``, ``bi_gru``, ``no_imgnorm``,
     ``no_txtnorm``, ``sgr_step``, ``vocab_size``, ``num_regions``, and ``shortlist_dim`` (the
     optional shortlist head of two-stage retrieval, :mod:`vsl.models.shortlist`).

@@ -135,14 +135,25 @@ def i2t(sims, captions_per_image: int = 5, *, progress: bool = False
     """
     sims = _as_numpy(sims)
     n_images, n_captions = _check_shape(sims, captions_per_image)
-    ranks = np.empty(n_images, dtype=np.int64)
-    top1 = np.empty(n_images, dtype=np.int64)
-    for lo, hi in _chunks(n_images, n_captions, progress, "i2t"):
-        order = np.argsort(sims[lo:hi], axis=1)[:, ::-1]          # captions, best first
-        own = order // captions_per_image == np.arange(lo, hi)[:, None]
-        ranks[lo:hi] = own.argmax(axis=1)                          # first own caption
-        top1[lo:hi] = order[:, 0]
+    ranks, top1 = _query_ranks(
+        n_images, n_captions, lambda lo, hi: sims[lo:hi],                      # captions of each image
+        lambda order, lo, hi: order // captions_per_image == np.arange(lo, hi)[:, None], progress, "i2t")
     return _summary(ranks), (ranks, top1)
+
+
+def _query_ranks(n_queries: int, n_items: int, rows, is_own, progress: bool, desc: str
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """Each query's first 0-based position of an own item and its top item, ``(n_queries,)`` int64 each.
+
+    ``rows(lo, hi)``: the scores ``(hi - lo, n_items)`` of queries ``lo:hi``; ``is_own(order, lo, hi)``:
+    which entries of their items, best first, are their own."""
+    ranks = np.empty(n_queries, dtype=np.int64)
+    top1 = np.empty(n_queries, dtype=np.int64)
+    for lo, hi in _chunks(n_queries, n_items, progress, desc):
+        order = np.argsort(rows(lo, hi), axis=1)[:, ::-1]           # items, best first
+        ranks[lo:hi] = is_own(order, lo, hi).argmax(axis=1)          # first own item
+        top1[lo:hi] = order[:, 0]
+    return ranks, top1
 
 
 def t2i(sims, captions_per_image: int = 5, *, progress: bool = False
@@ -159,13 +170,9 @@ def t2i(sims, captions_per_image: int = 5, *, progress: bool = False
     """
     sims = _as_numpy(sims)
     n_images, n_captions = _check_shape(sims, captions_per_image)
-    ranks = np.empty(n_captions, dtype=np.int64)
-    top1 = np.empty(n_captions, dtype=np.int64)
-    for lo, hi in _chunks(n_captions, n_images, progress, "t2i"):
-        order = np.argsort(sims[:, lo:hi].T, axis=1)[:, ::-1]     # images, best first
-        own = order == (np.arange(lo, hi) // captions_per_image)[:, None]
-        ranks[lo:hi] = own.argmax(axis=1)
-        top1[lo:hi] = order[:, 0]
+    ranks, top1 = _query_ranks(
+        n_captions, n_images, lambda lo, hi: sims[:, lo:hi].T,                 # images of each caption
+        lambda order, lo, hi: order == (np.arange(lo, hi) // captions_per_image)[:, None], progress, "t2i")
     return _summary(ranks), (ranks, top1)
 
 

@@ -144,12 +144,12 @@ def demo_runs(prepared) -> Dict[str, Dict[str, Any]]:
 
 def comparison_table(runs: Dict[str, Dict[str, Any]]) -> str:
     """The two runs side by side: R@1/5/10 both ways and rsum (markdown)."""
-    header = "| run | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    from ..metrics import TABLE_METRICS, column_labels, flat_metrics
+
+    lines = ["| run | " + " | ".join(column_labels()) + " |", "|---|" + "---|" * len(TABLE_METRICS)]
     for label, run in runs.items():
-        r = run["test"]
-        cells = [r["i2t"][k] for k in ("r1", "r5", "r10")] + [r["t2i"][k] for k in ("r1", "r5", "r10")]
-        lines.append(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {r['rsum']:.1f} |")
+        cells = flat_metrics(run["test"]).values()
+        lines.append(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -162,7 +162,9 @@ def plot_demo(runs: Dict[str, Dict[str, Any]], path: Path) -> Path:
     import numpy as np
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    keys = [("i2t", "r1"), ("i2t", "r5"), ("i2t", "r10"), ("t2i", "r1"), ("t2i", "r5"), ("t2i", "r10")]
+    from ..metrics import RECALLS, flat_metrics
+
+    keys = [name for name, _, _ in RECALLS]
     width = 0.8 / max(1, len(runs))
     for i, (label, run) in enumerate(runs.items()):
         events = read_log(Path(run["log"]))
@@ -172,12 +174,12 @@ def plot_demo(runs: Dict[str, Dict[str, Any]], path: Path) -> Path:
         if any(e.get("vsl") for e in train):
             axes[0].plot([e["step"] for e in train], [e["vsl"] for e in train], "--", label=f"{label} VSL")
         axes[1].plot([e["epoch"] for e in val], [e["rsum"] for e in val], "o-", label=label)
-        values = [run["test"][a][k] for a, k in keys]
+        values = list(flat_metrics(run["test"], keys).values())
         axes[2].bar(np.arange(len(keys)) + i * width, values, width, label=f"{label} (rsum {run['test']['rsum']:.1f})")
     axes[0].set(title="training loss", xlabel="iteration", ylabel="loss", yscale="log")
     axes[1].set(title="validation rsum (dev)", xlabel="epoch", ylabel="rsum")
     axes[2].set(title="test recall", ylabel="%", xticks=np.arange(len(keys)) + width * (len(runs) - 1) / 2,
-                xticklabels=[f"{a} R@{k[1:]}" for a, k in keys], ylim=(0, 100))
+                xticklabels=[f"{d} R@{k}" for _, d, k in RECALLS], ylim=(0, 100))
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.legend(fontsize=8, loc="lower left" if ax is axes[2] else "best")
