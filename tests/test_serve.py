@@ -486,3 +486,21 @@ def test_serve_cli_bad_index_is_one_line_exit_2(tmp_path, capsys):
     assert "--thumbnails" in capsys.readouterr().err
     assert main(["serve", "--index", str(tmp_path), "--max_batch", "0", "--port", "0"]) == 2
     assert "--max_batch" in capsys.readouterr().err
+
+
+def test_the_served_demo_model_is_vsl_demos_own_run_when_it_is_there(tmp_path, monkeypatch, capsys):
+    """`vsl serve` after `vsl demo` trains nothing: the demo's finished SGR+VSL run (same data,
+    recipe and seed, :meth:`vsl.ablate.run.Prepared.finished_checkpoint`) is the served model."""
+    import vsl.demo
+    from vsl.data import demo as dd
+    from vsl.serve import demo as serve_demo
+
+    seen = {}
+    best = tmp_path / "runs" / "vsl" / "seed_0" / "checkpoints" / "model_best.pth.tar"
+    monkeypatch.setattr(dd, "make_demo_data", lambda out, spec, **k: seen.setdefault("spec", spec) and {"data": 1})
+    monkeypatch.setattr(vsl.demo, "prepare_demo", lambda out, **k: seen.setdefault("prepare", (out, k)))
+    monkeypatch.setattr(vsl.demo, "demo_vsl_checkpoint", lambda prepared, seed=0: best)
+    monkeypatch.setattr("vsl.train.Trainer", None)                       # training would fail
+    data, model = serve_demo.demo_model(tmp_path, device="cpu", progress=True)
+    assert model == best and seen["prepare"] == (tmp_path, {"seed": 0, "device": "cpu", "dry_run": True})
+    assert seen["spec"].test_images == dd.DEMO_TEST_IMAGES and "the SGR+VSL run of `vsl demo`" in capsys.readouterr().out
