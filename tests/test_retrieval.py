@@ -566,5 +566,10 @@ def test_index_types_are_faiss_factory_strings_and_a_bad_one_is_one_line(tmp_pat
     assert faiss_index.factory_string("hnsw", 100) == "HNSW32"
     assert faiss_index.factory_string("ivf", 10_000) == "IVF256,Flat"
     assert faiss_index.factory_string("IVF64,PQ8", 10) == "IVF64,PQ8"
-    with pytest.raises(ConfigError, match="'NotAnIndex'"):
+    with pytest.raises(ConfigError, match="'NotAnIndex'") as err:
         faiss_index.check_index_type("NotAnIndex")
+    assert "\n" not in str(err.value) and "index_factory.cpp" not in str(err.value)
+    few = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)
+    with pytest.raises(ConfigError, match="cannot train it on 50 vectors") as err:
+        faiss_index.make_faiss(few, "IVF4,PQ2")                       # PQ needs 256 training points
+    assert "\n" not in str(err.value) and "Clustering.cpp" not in str(err.value)

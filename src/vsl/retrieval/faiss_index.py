@@ -11,7 +11,7 @@ sizes do not disturb each other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def check_index_type(index_type: str, dim: int = 8) -> None:
         faiss.index_factory(dim, factory_string(index_type, 10_000), faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise ConfigError(f"index type {index_type!r}: not one of {', '.join(INDEX_TYPES)} nor a FAISS factory "
-                          f"string FAISS accepts ({str(exc).strip().splitlines()[-1]})") from None
+                          f"string FAISS accepts ({_reason(exc)})") from None
 
 
 def make_faiss(vectors: np.ndarray, index_type: str, seed: int = 0):
@@ -72,10 +72,20 @@ def make_faiss(vectors: np.ndarray, index_type: str, seed: int = 0):
         if n > IVF_SAMPLE_POINTS * lists:
             rows = np.random.default_rng(seed).choice(n, IVF_SAMPLE_POINTS * lists, replace=False)
             sample = vectors[np.sort(rows)]
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        try:
+            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        except RuntimeError as exc:
+            raise ConfigError(f"index type {index_type!r}: FAISS cannot train it on {len(sample):,} vectors "
+                              f"({_reason(exc)}); choose a smaller index or a larger gallery") from None
     for lo in range(0, n, ADD_BLOCK):
         index.add(np.ascontiguousarray(vectors[lo:lo + ADD_BLOCK], dtype=np.float32))
     return index
+
+
+def _reason(exc: Exception) -> str:
+    """The message of a FAISS error without its C++ location (``Error in ... at file:line: ...``)."""
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return text.rsplit(": Error: ", 1)[-1].rsplit(": ", 1)[-1] if " at /" in text else text
 
 
 def _hnsw(index):
@@ -128,7 +138,3 @@ def read_faiss(path: Path):
     except RuntimeError as exc:
         raise DataError(f"{path}: not a readable FAISS index ({str(exc).strip().splitlines()[-1]})") from None
 
-
-def describe(index_type: Optional[str]) -> str:
-    """How ``index_type`` reads in messages: the name and, for a named type, its factory string."""
-    return f"{index_type} ({FACTORY[index_type]})" if index_type in FACTORY else str(index_type)
