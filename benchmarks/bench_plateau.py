@@ -2,7 +2,7 @@
 
 Two datasets in the SCAN layout, made in a temporary folder:
 
-* ``demo``: the procedural demo data (:mod:`vsl.demo.data`), ``--images`` training images;
+* ``demo``: the procedural demo data (:mod:`vsl.data.demo`), ``--images`` training images;
 * ``cocosim``: region features simulated from the real COCO captions of ``--captions``
   (``dev_caps.txt`` + ``testall_caps.txt``, 6,000 images x 5 captions) by :mod:`vsl.demo.simulate`.
 
@@ -46,7 +46,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {"paper": {}, "fast": dict(FAST_START)}
 
 def make_data(name: str, workdir: Path, args: argparse.Namespace) -> Dict[str, Any]:
     if name == "demo":
-        from vsl.demo.data import DemoSpec, make_demo_data
+        from vsl.data.demo import DemoSpec, make_demo_data
         return make_demo_data(workdir / "demo", DemoSpec(seed=args.data_seed, train_images=args.images,
                                                           dev_images=args.dev_images, test_images=100))
     from vsl.demo.simulate import SimSpec, simulate_from_captions

@@ -224,7 +224,7 @@ def run_pairs(args) -> None:
     from common import coco_like_lengths
     from vsl.config import Config
     from vsl.models import build_model
-    from vsl.retrieval.twostage import shortlist_pairs
+    from vsl.rerank import shortlist_pairs
 
     torch.manual_seed(0)
     n, m, d, s = args.images, args.captions, args.embed_size, args.sim_dim

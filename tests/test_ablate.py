@@ -127,7 +127,7 @@ def test_slots_split_the_cores_on_cpu_and_give_one_run_per_gpu(monkeypatch):
 # --- a study folder without training: fake commands ----------------------------------------------
 @pytest.fixture
 def tiny_data(tmp_path_factory):
-    from vsl.demo import data as dd
+    from vsl.data import demo as dd
 
     out = tmp_path_factory.mktemp("data")
     info = dd.make_demo_data(out, dd.DemoSpec(seed=1, train_images=20, dev_images=6, test_images=8, img_dim=16))
@@ -343,3 +343,17 @@ def test_a_tiny_real_study_end_to_end(tmp_path, tiny_data, capsys):
     capsys.readouterr()
     assert main(argv) == 0                            # everything finished: nothing runs again
     assert "0 to run" in capsys.readouterr().out
+
+
+def test_a_finished_run_is_found_only_in_a_folder_of_the_same_study(tmp_path, tiny_data, monkeypatch):
+    """What `vsl serve` reuses of `vsl demo`: a finished run's best checkpoint, only when the folder
+    holds exactly this study (same data, recipe and evaluation) and the run has finished."""
+    monkeypatch.setattr("vsl.ablate.runner.choose_slots", lambda *a, **k: Slots(1, 1))
+    out = tmp_path / "study"
+    assert prepare("vsl", 1, out=out, given=_given(tiny_data), dry_run=True).finished_checkpoint("vsl", 0) is None
+    run_study(_fake(prepare("vsl", 1, out=out, given=_given(tiny_data))), progress=False, plot=False)
+    again = prepare("vsl", 1, out=out, given=_given(tiny_data), dry_run=True)
+    assert again.finished_checkpoint("vsl", 0) == out / "runs" / "vsl" / "seed_0" / "checkpoints" / "model_best.pth.tar"
+    assert again.finished_checkpoint("vsl", 1) is None                         # no such run
+    other = prepare("vsl", 1, out=out, given=_given(tiny_data, num_epochs=2), dry_run=True)
+    assert other.finished_checkpoint("vsl", 0) is None                        # another recipe

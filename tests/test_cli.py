@@ -120,3 +120,18 @@ def test_unknown_option_is_reported_by_its_command(capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2
     assert "vsl eval: error: unrecognized arguments: --bogus_flag 3" in err and "usage: vsl eval" in err
+
+
+def test_hyphenated_spellings_are_silent_aliases_of_the_underscored_flags(tmp_path):
+    """One flag style (--data_seed); vsl's earlier hyphenated spellings keep working, unlisted."""
+    parser = build_parser()
+    demo = parser.parse_args(["demo", str(tmp_path), "--data-seed", "3", "--no-plot"])
+    assert (demo.data_seed, demo.no_plot) == (3, True)
+    assert parser.parse_args(["demo", str(tmp_path), "--data_seed=4"]).data_seed == 4
+    data = parser.parse_args(["make-demo-data", str(tmp_path), "--test-images=7", "--no-thumbnails"])
+    assert (data.test_images, data.no_thumbnails) == (7, True)
+    assert parse_train(["train", "--data-path", "D", "--batch-size", "4"]).batch_size == 4
+    helps = " ".join(parser._subparsers._group_actions[0].choices[c].format_help()
+                     for c in ("demo", "make-demo-data"))
+    assert "--data_seed" in helps and "--no_thumbnails" in helps
+    assert "--data-seed" not in helps and "--no-thumbnails" not in helps and "--test-images" not in helps

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from vsl.data.vocab import Vocabulary, tokenize
-from vsl.demo import data as dd
-from vsl.demo.data import DemoSpec, demo_data_ready, make_demo_data, sample_split
+from vsl.data import demo as dd
+from vsl.data.demo import DemoSpec, demo_data_ready, make_demo_data, sample_split
 from vsl.errors import ConfigError, DataError
 
 SPEC = DemoSpec(seed=3, train_images=800, dev_images=40, test_images=200, img_dim=48)
@@ -282,7 +282,7 @@ def test_cli_difficulty_hard(tmp_path, capsys):
 def test_every_image_gets_a_thumbnail_of_its_scene(demo):
     from PIL import Image
 
-    from vsl.demo.thumbnails import PALETTE, SIZE
+    from vsl.data.thumbnails import PALETTE, SIZE
 
     out, _ = demo
     scenes = dd.sample_scenes(SPEC, "test")

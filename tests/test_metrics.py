@@ -167,3 +167,26 @@ def test_protocol_ranks_are_the_per_query_ranks_of_the_protocol(monkeypatch):
     for a, b in zip(metrics.protocol_ranks([sims], "coco1k"), (fold_i2t, fold_t2i)):
         assert np.array_equal(a, b)
     assert (fold_i2t <= full_i2t).all() and (fold_i2t < full_i2t).any()      # fewer candidates per fold
+
+
+def test_metrics_travel_by_name():
+    """A direction's metrics are a typed Summary; the flat names of tables come from one list."""
+    sims = np.random.default_rng(3).standard_normal((6, 30))
+    summary, (ranks, _) = metrics.i2t(sims, 5)
+    assert summary._fields == metrics.METRIC_NAMES == ("r1", "r5", "r10", "medr", "meanr")
+    assert summary.r1 == summary[0] and summary.recall_sum == summary.r1 + summary.r5 + summary.r10
+    result = metrics.retrieval_metrics(sims, 5)
+    flat = metrics.flat_metrics(result)
+    assert list(flat) == list(metrics.TABLE_METRICS) and flat["t2i_r10"] == result["t2i"]["r10"]
+    assert flat["rsum"] == result["rsum"] == pytest.approx(sum(v for k, v in flat.items() if k != "rsum"))
+    assert metrics.column_labels() == ["i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum"]
+    assert metrics.flat_metrics(result, metrics.RANK_METRICS)["i2t_medr"] == result["i2t"]["medr"]
+
+
+def test_a_block_of_two_direction_matrices_ranks_each_direction_by_its_own():
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((6, 30)), rng.standard_normal((6, 30))
+    both = metrics.protocol_result([(a, b)], "full", 5)
+    assert both["i2t"] == metrics.retrieval_metrics(a, 5)["i2t"] and both["t2i"] == metrics.retrieval_metrics(b, 5)["t2i"]
+    i2t_ranks, t2i_ranks = metrics.protocol_ranks([(a, b)], "full", 5)
+    assert np.array_equal(i2t_ranks, metrics.i2t(a, 5)[1][0]) and np.array_equal(t2i_ranks, metrics.t2i(b, 5)[1][0])

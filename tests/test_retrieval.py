@@ -214,7 +214,7 @@ def test_score_pairs_equals_the_all_pairs_scores(module_name):
 def test_score_pairs_of_shortlists_equal_the_all_pairs_scores(module_name, chunk_elements):
     # Shortlist unions: images with many and with few captions of a length, so that score_pairs pads
     # groups (and drops the padding) and, with the small budget, splits a length over several calls.
-    from vsl.retrieval.twostage import shortlist_pairs
+    from vsl.rerank import shortlist_pairs
 
     torch.manual_seed(1)
     model = build_model(Config(module_name=module_name, img_dim=16, word_dim=8, embed_size=32, sim_dim=16,
@@ -535,3 +535,41 @@ def test_fit_shortlist_names_a_training_image_with_nan_features(published, tmp_p
         fit_shortlist(published, data["data_path"], out, vocab_path=data["vocab_path"], device="cpu", dim=8,
                       epochs=1, progress=False, max_memory_gb=1e-4)     # a subset: rows are not contiguous
     assert not out.exists()
+
+
+def test_concurrent_faiss_searches_with_different_depths_match_sequential_ones():
+    """Search depth is passed per call (not set on the shared index): threads searching one HNSW or
+    IVF index with different shortlist sizes get exactly what each gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vsl.retrieval import faiss_index
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:40] + 0.1 * rng.standard_normal((40, 16)).astype(np.float32)
+    for kind in ("hnsw", "ivf", "IVF16,PQ4"):
+        index = faiss_index.make_faiss(vectors, kind)
+        sizes = [5, 400, 20, 300, 10, 500] * 4
+        alone = [faiss_index.search(index, queries, s) for s in sizes]
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda s: faiss_index.search(index, queries, s), sizes))
+        for (d1, i1), (d2, i2), s in zip(alone, together, sizes):
+            assert i1.shape == (40, s) and np.array_equal(i1, i2) and np.array_equal(d1, d2), (kind, s)
+    hnsw = faiss_index.make_faiss(vectors, "hnsw")
+    assert faiss_index.search_parameters(hnsw, 500).efSearch == 1000 and hnsw.hnsw.efSearch != 1000
+
+
+def test_index_types_are_faiss_factory_strings_and_a_bad_one_is_one_line(tmp_path):
+    from vsl.retrieval import faiss_index
+
+    assert faiss_index.factory_string("hnsw", 100) == "HNSW32"
+    assert faiss_index.factory_string("ivf", 10_000) == "IVF256,Flat"
+    assert faiss_index.factory_string("IVF64,PQ8", 10) == "IVF64,PQ8"
+    with pytest.raises(ConfigError, match="'NotAnIndex'") as err:
+        faiss_index.check_index_type("NotAnIndex")
+    assert "\n" not in str(err.value) and "index_factory.cpp" not in str(err.value)
+    few = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)
+    with pytest.raises(ConfigError, match="cannot train it on 50 vectors") as err:
+        faiss_index.make_faiss(few, "IVF4,PQ2")                       # PQ needs 256 training points
+    assert "\n" not in str(err.value) and "Clustering.cpp" not in str(err.value)

@@ -289,8 +289,9 @@ def test_different_k_or_direction_are_not_mixed_in_one_batch():
     assert sorted(index.calls) == [1, 1, 1]
 
 
-def test_batches_of_different_shortlist_sizes_never_overlap():
-    """Index tunes FAISS search depth per call from the shortlist size: such calls must not overlap."""
+def test_batches_of_different_shortlist_sizes_run_side_by_side():
+    """The search depth is a per-call FAISS parameter, so batches of any shortlist sizes may overlap
+    (no batch waits for another size's batches to finish), and each query still gets its own size."""
     running, overlaps = {}, []
     lock = threading.Lock()
 
@@ -310,7 +311,7 @@ def test_batches_of_different_shortlist_sizes_never_overlap():
 
     with ThreadPoolExecutor(4) as pool:
         out = asyncio.run(go(QueryBatcher(pool, workers=4, window_s=0.0, max_batch=2)))
-    assert [r.shortlist for r, _ in out] == [10, 10, 50, 10, 50, 100, 10] * 3 and not overlaps
+    assert [r.shortlist for r, _ in out] == [10, 10, 50, 10, 50, 100, 10] * 3 and overlaps
 
 
 def test_a_user_error_in_a_batch_fails_only_its_query():
@@ -379,7 +380,7 @@ def test_page_in_headless_chromium(tmp_path):
     """Type a query on the page in a real browser, see result cards with pictures, click one."""
     from playwright.sync_api import sync_playwright
 
-    from vsl.demo.data import DemoSpec, make_demo_data, sample_split, thumbnails_dir
+    from vsl.data.demo import DemoSpec, make_demo_data, sample_split, thumbnails_dir
 
     spec = DemoSpec(seed=1, train_images=20, dev_images=10, test_images=24, img_dim=16)
     make_demo_data(tmp_path / "demo", spec)
@@ -485,3 +486,21 @@ def test_serve_cli_bad_index_is_one_line_exit_2(tmp_path, capsys):
     assert "--thumbnails" in capsys.readouterr().err
     assert main(["serve", "--index", str(tmp_path), "--max_batch", "0", "--port", "0"]) == 2
     assert "--max_batch" in capsys.readouterr().err
+
+
+def test_the_served_demo_model_is_vsl_demos_own_run_when_it_is_there(tmp_path, monkeypatch, capsys):
+    """`vsl serve` after `vsl demo` trains nothing: the demo's finished SGR+VSL run (same data,
+    recipe and seed, :meth:`vsl.ablate.run.Prepared.finished_checkpoint`) is the served model."""
+    import vsl.demo
+    from vsl.data import demo as dd
+    from vsl.serve import demo as serve_demo
+
+    seen = {}
+    best = tmp_path / "runs" / "vsl" / "seed_0" / "checkpoints" / "model_best.pth.tar"
+    monkeypatch.setattr(dd, "make_demo_data", lambda out, spec, **k: seen.setdefault("spec", spec) and {"data": 1})
+    monkeypatch.setattr(vsl.demo, "prepare_demo", lambda out, **k: seen.setdefault("prepare", (out, k)))
+    monkeypatch.setattr(vsl.demo, "demo_vsl_checkpoint", lambda prepared, seed=0: best)
+    monkeypatch.setattr("vsl.train.Trainer", None)                       # training would fail
+    data, model = serve_demo.demo_model(tmp_path, device="cpu", progress=True)
+    assert model == best and seen["prepare"] == (tmp_path, {"seed": 0, "device": "cpu", "dry_run": True})
+    assert seen["spec"].test_images == dd.DEMO_TEST_IMAGES and "the SGR+VSL run of `vsl demo`" in capsys.readouterr().out

@@ -31,7 +31,16 @@ from .fileio import atomic_write
 from .models import VSLModel, build_model
 
 FORMAT = "vsl-1"
+#: The checkpoints of a training run in its ``model_name`` folder: the latest state (also written
+#: mid-epoch), the best dev rsum, and :func:`epoch_checkpoint` after each epoch.
+LAST = "checkpoint_last.pth.tar"
+BEST = "model_best.pth.tar"
 PathLike = Union[str, os.PathLike]
+
+
+def epoch_checkpoint(epoch: int) -> str:
+    """File name of the checkpoint written after ``epoch`` epochs (1-based)."""
+    return f"checkpoint_{epoch}.pth.tar"
 
 
 def _torch_load(path: Path, map_location: Any = "cpu") -> Any:

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from tqdm.auto import tqdm
 
@@ -97,11 +97,22 @@ class RunLogger:
         self.close()
 
 
-def read_metrics(log_dir: PathLike) -> list:
-    """All records of ``{log_dir}/metrics.jsonl`` (for tests and plots)."""
-    path = Path(log_dir) / METRICS_FILE
+def read_log(path: PathLike) -> List[Dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file, in order; a line cut short (a run writing it right
+    now, or killed mid-line) is skipped. OSError when the file cannot be read."""
+    records = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for line in fh:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def read_metrics(log_dir: PathLike) -> List[Dict[str, Any]]:
+    """All records of ``{log_dir}/metrics.jsonl`` (:func:`read_log`)."""
+    return read_log(Path(log_dir) / METRICS_FILE)
 
 
 def progress_bar(total: Optional[int], desc: str, enabled: bool = True, initial: int = 0,

@@ -1,5 +1,10 @@
 """Retrieval metrics and evaluation protocols of the SCAN/SGRAF evaluation: R@K, median and mean
-rank, rsum; ``coco1k`` (mean over 5 folds), ``coco5k`` and ``full`` (the whole matrix).
+rank, rsum; ``coco1k`` (mean over 5 folds), ``coco5k`` and ``full`` (the whole matrix); and the
+shortlist recall of two-stage retrieval (:func:`shortlist_recall`).
+
+Every metric is named here once: a direction's metrics are a :class:`Summary` (``r1 r5 r10 medr
+meanr``), a result is ``{"i2t": {...}, "t2i": {...}, "rsum"}``, and the flat names of tables and
+ablation statistics (``i2t_r1`` ... ``rsum``, :data:`TABLE_METRICS`) are read with :func:`flat_metrics`.
 
 ``sims`` is an (N, cpi * N) image x caption similarity matrix in which captions
 ``cpi * i .. cpi * i + cpi - 1`` belong to image i (cpi = captions per image, 5 for COCO/Flickr30K).
@@ -11,7 +16,7 @@ only tens of MB beyond the matrix itself.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -21,12 +26,58 @@ from .errors import ConfigError
 #: Elements of sorted indices (int64) held at once per chunk: 32 MB.
 CHUNK_ELEMENTS = 1 << 22
 
-METRIC_NAMES = ("r1", "r5", "r10", "medr", "meanr")
 PROTOCOLS = ("coco1k", "coco5k", "full")
 COCO1K_FOLDS = 5
 COCO1K_FOLD_IMAGES = 1000
+DIRECTIONS = ("i2t", "t2i")
+RECALL_KS = (1, 5, 10)
 
-Summary = Tuple[float, float, float, float, float]
+
+class Summary(NamedTuple):
+    """One direction's metrics with the published conventions: R@1/5/10 in %, 1-based median and mean rank."""
+
+    r1: float
+    r5: float
+    r10: float
+    medr: float
+    meanr: float
+
+    @property
+    def recall_sum(self) -> float:
+        """R@1 + R@5 + R@10 (a direction's share of rsum)."""
+        return sum(self[:len(RECALL_KS)])
+
+    def as_dict(self) -> Dict[str, float]:
+        return dict(self._asdict())
+
+
+METRIC_NAMES = Summary._fields
+#: The recalls of both directions as flat names: ``("i2t_r1", "i2t", 1), ...`` (table columns).
+RECALLS: Tuple[Tuple[str, str, int], ...] = tuple((f"{d}_r{k}", d, k) for d in DIRECTIONS for k in RECALL_KS)
+#: The columns of result tables and ablation summaries: the six recalls and rsum.
+TABLE_METRICS: Tuple[str, ...] = tuple(name for name, _, _ in RECALLS) + ("rsum",)
+#: Median and mean ranks of both directions, flat (``i2t_medr`` ...).
+RANK_METRICS: Tuple[str, ...] = tuple(f"{d}_{m}" for d in DIRECTIONS for m in METRIC_NAMES[len(RECALL_KS):])
+
+
+def flat_metrics(result: Mapping, names: Sequence[str] = TABLE_METRICS) -> Dict[str, float]:
+    """``{"i2t_r1": .., ..., "rsum": ..}`` (the flat ``names``) from a result ``{"i2t": {"r1": ..}, ...}``."""
+    out = {}
+    for name in names:
+        direction, _, metric = name.partition("_")
+        out[name] = float(result[name] if name == "rsum" else result[direction][metric])
+    return out
+
+
+def column_labels(names: Sequence[str] = TABLE_METRICS) -> List[str]:
+    """Table headers of flat names: ``i2t R@1, R@5, R@10, t2i R@1, ...`` (a direction named once)."""
+    labels, last = [], None
+    for name in names:
+        direction, _, metric = name.partition("_")
+        shown = f"R@{metric[1:]}" if metric.startswith("r") and metric[1:].isdigit() else metric
+        labels.append(name if name == "rsum" else (shown if direction == last else f"{direction} {shown}"))
+        last = direction
+    return labels
 
 
 def _as_numpy(sims) -> np.ndarray:
@@ -64,10 +115,10 @@ def recall_at_k(ranks, ks: Iterable[int] = (1, 5, 10)) -> tuple:
 def _summary(ranks: np.ndarray) -> Summary:
     """(R@1, R@5, R@10, medr, meanr) with the published conventions (1-based medr/meanr)."""
     ranks = ranks.astype(np.float64)
-    r1, r5, r10 = recall_at_k(ranks)
+    r1, r5, r10 = recall_at_k(ranks, RECALL_KS)
     medr = np.floor(np.median(ranks)) + 1
     meanr = ranks.mean() + 1
-    return float(r1), float(r5), float(r10), float(medr), float(meanr)
+    return Summary(float(r1), float(r5), float(r10), float(medr), float(meanr))
 
 
 def i2t(sims, captions_per_image: int = 5, *, progress: bool = False
@@ -84,14 +135,25 @@ def i2t(sims, captions_per_image: int = 5, *, progress: bool = False
     """
     sims = _as_numpy(sims)
     n_images, n_captions = _check_shape(sims, captions_per_image)
-    ranks = np.empty(n_images, dtype=np.int64)
-    top1 = np.empty(n_images, dtype=np.int64)
-    for lo, hi in _chunks(n_images, n_captions, progress, "i2t"):
-        order = np.argsort(sims[lo:hi], axis=1)[:, ::-1]          # captions, best first
-        own = order // captions_per_image == np.arange(lo, hi)[:, None]
-        ranks[lo:hi] = own.argmax(axis=1)                          # first own caption
-        top1[lo:hi] = order[:, 0]
+    ranks, top1 = _query_ranks(
+        n_images, n_captions, lambda lo, hi: sims[lo:hi],                      # captions of each image
+        lambda order, lo, hi: order // captions_per_image == np.arange(lo, hi)[:, None], progress, "i2t")
     return _summary(ranks), (ranks, top1)
+
+
+def _query_ranks(n_queries: int, n_items: int, rows, is_own, progress: bool, desc: str
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """Each query's first 0-based position of an own item and its top item, ``(n_queries,)`` int64 each.
+
+    ``rows(lo, hi)``: the scores ``(hi - lo, n_items)`` of queries ``lo:hi``; ``is_own(order, lo, hi)``:
+    which entries of their items, best first, are their own."""
+    ranks = np.empty(n_queries, dtype=np.int64)
+    top1 = np.empty(n_queries, dtype=np.int64)
+    for lo, hi in _chunks(n_queries, n_items, progress, desc):
+        order = np.argsort(rows(lo, hi), axis=1)[:, ::-1]           # items, best first
+        ranks[lo:hi] = is_own(order, lo, hi).argmax(axis=1)          # first own item
+        top1[lo:hi] = order[:, 0]
+    return ranks, top1
 
 
 def t2i(sims, captions_per_image: int = 5, *, progress: bool = False
@@ -108,26 +170,27 @@ def t2i(sims, captions_per_image: int = 5, *, progress: bool = False
     """
     sims = _as_numpy(sims)
     n_images, n_captions = _check_shape(sims, captions_per_image)
-    ranks = np.empty(n_captions, dtype=np.int64)
-    top1 = np.empty(n_captions, dtype=np.int64)
-    for lo, hi in _chunks(n_captions, n_images, progress, "t2i"):
-        order = np.argsort(sims[:, lo:hi].T, axis=1)[:, ::-1]     # images, best first
-        own = order == (np.arange(lo, hi) // captions_per_image)[:, None]
-        ranks[lo:hi] = own.argmax(axis=1)
-        top1[lo:hi] = order[:, 0]
+    ranks, top1 = _query_ranks(
+        n_captions, n_images, lambda lo, hi: sims[:, lo:hi].T,                 # images of each caption
+        lambda order, lo, hi: order == (np.arange(lo, hi) // captions_per_image)[:, None], progress, "t2i")
     return _summary(ranks), (ranks, top1)
 
 
-def _as_dict(summary: Summary) -> Dict[str, float]:
-    return dict(zip(METRIC_NAMES, summary))
+def retrieval_metrics(sims, captions_per_image: int = 5, *, progress: bool = False, t2i_sims=None) -> dict:
+    """``{"i2t": {r1, r5, r10, medr, meanr}, "t2i": {...}, "rsum": R@1+R@5+R@10 of both}``.
 
-
-def retrieval_metrics(sims, captions_per_image: int = 5, *, progress: bool = False) -> dict:
-    """``{"i2t": {r1, r5, r10, medr, meanr}, "t2i": {...}, "rsum": R@1+R@5+R@10 of both}``."""
+    ``t2i_sims``: a separate matrix for text->image (two-stage scoring ranks each direction's own
+    shortlist, :func:`vsl.rerank.two_stage_scores`); ``sims`` then ranks image->text only.
+    """
     i2t_summary, _ = i2t(sims, captions_per_image, progress=progress)
-    t2i_summary, _ = t2i(sims, captions_per_image, progress=progress)
-    rsum = sum(i2t_summary[:3]) + sum(t2i_summary[:3])
-    return {"i2t": _as_dict(i2t_summary), "t2i": _as_dict(t2i_summary), "rsum": float(rsum)}
+    t2i_summary, _ = t2i(sims if t2i_sims is None else t2i_sims, captions_per_image, progress=progress)
+    rsum = i2t_summary.recall_sum + t2i_summary.recall_sum
+    return {"i2t": i2t_summary.as_dict(), "t2i": t2i_summary.as_dict(), "rsum": float(rsum)}
+
+
+def _directions(block) -> Tuple:
+    """A scored block as ``(i2t matrix, t2i matrix)``: one matrix serves both, or a pair of them."""
+    return tuple(block) if isinstance(block, tuple) else (block, block)
 
 
 def fold_slices(protocol: str, num_images: int, captions_per_image: int,
@@ -160,18 +223,20 @@ def mean_over_folds(folds: List[dict]) -> dict:
     table = np.array([[f["i2t"][m] for m in METRIC_NAMES] + [f["t2i"][m] for m in METRIC_NAMES] + [f["rsum"]]
                       for f in folds]).mean(axis=0)
     n = len(METRIC_NAMES)
-    return {"i2t": _as_dict(tuple(float(v) for v in table[:n])),
-            "t2i": _as_dict(tuple(float(v) for v in table[n:2 * n])),
+    return {"i2t": Summary(*(float(v) for v in table[:n])).as_dict(),
+            "t2i": Summary(*(float(v) for v in table[n:2 * n])).as_dict(),
             "rsum": float(table[-1]), "folds": folds}
 
 
 def protocol_result(blocks: List, protocol: str, captions_per_image: int = 5, *, progress: bool = False) -> dict:
-    """Protocol metrics from the blocks of :func:`fold_slices`, scored (one matrix or the 5 folds)."""
-    if len(blocks) == 1:
+    """Protocol metrics from the blocks of :func:`fold_slices`, scored (one matrix or the 5 folds).
+
+    A block is a score matrix, or an ``(i2t, t2i)`` pair of them (two-stage scoring)."""
+    if len(blocks) == 1 and not isinstance(blocks[0], tuple):
         return evaluate_protocol(blocks[0], protocol, captions_per_image, progress=progress)
-    folds = [retrieval_metrics(b, captions_per_image) for b in
-             tqdm(blocks, desc=f"{protocol} folds", disable=not progress, leave=False)]
-    return mean_over_folds(folds)
+    folds = [retrieval_metrics(a, captions_per_image, t2i_sims=b) for a, b in
+             tqdm([_directions(b) for b in blocks], desc=f"{protocol} folds", disable=not progress, leave=False)]
+    return folds[0] if len(folds) == 1 else mean_over_folds(folds)
 
 
 def protocol_ranks(blocks: List, protocol: str, captions_per_image: int = 5) -> Tuple[np.ndarray, np.ndarray]:
@@ -181,11 +246,12 @@ def protocol_ranks(blocks: List, protocol: str, captions_per_image: int = 5) -> 
     and (cpi * N,) int64, the rank of each caption's image; under ``coco1k`` ranks are within each
     fold of 1,000 images (whether the 5 folds or the full matrix were scored).
     """
-    if protocol == "coco1k" and len(blocks) == 1:       # the full matrix: cut it into the folds
+    if protocol == "coco1k" and len(blocks) == 1 and not isinstance(blocks[0], tuple):   # the full matrix: cut it
         sims = _as_numpy(blocks[0])
         blocks = [sims[i, c] for i, c in fold_slices(protocol, sims.shape[0], captions_per_image)]
-    i2t_ranks = [i2t(b, captions_per_image)[1][0] for b in blocks]
-    t2i_ranks = [t2i(b, captions_per_image)[1][0] for b in blocks]
+    pairs = [_directions(b) for b in blocks]
+    i2t_ranks = [i2t(a, captions_per_image)[1][0] for a, _ in pairs]
+    t2i_ranks = [t2i(b, captions_per_image)[1][0] for _, b in pairs]
     return np.concatenate(i2t_ranks), np.concatenate(t2i_ranks)
 
 
@@ -206,7 +272,7 @@ def evaluate_protocol(sims, protocol: str, captions_per_image: int = 5, *, progr
     return protocol_result([sims[i, c] for i, c in blocks], protocol, captions_per_image, progress=progress)
 
 
-_HEADER_NAMES = ("R@1", "R@5", "R@10", "medr", "meanr")
+_HEADER_NAMES = tuple(f"R@{k}" for k in RECALL_KS) + METRIC_NAMES[len(RECALL_KS):]
 
 
 def format_table(result: dict) -> str:
@@ -235,3 +301,62 @@ def format_table(result: dict) -> str:
         lines.append("-" * len(lines[1]))
     lines.append(row("mean" if folds else "all", result))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shortlist recall: how often the true match is among the top K of the shortlist vectors.
+#
+# ``image_vecs (n, D)`` and ``caption_vecs (cpi * n, D)`` are l2-normalised global vectors of a split
+# (torch tensors). Image->text: a query image is recalled at K when one of its own captions is among
+# its K best captions; text->image: when the caption's own image is among its K best images. Ties
+# count against the query (a candidate with an equal score is ranked above), so the recall is never
+# overstated.
+# ------------------------------------------------------------------------------------------------
+#: Shortlist sizes reported by ``vsl fit-shortlist`` and ``vsl eval --shortlist``.
+REPORT_KS = (10, 50, 100, 200)
+#: Query rows scored per chunk (bounds the (rows, gallery) block to ~64 MB at 25,000 captions).
+_ROWS = 640
+
+
+def shortlist_ranks(image_vecs, caption_vecs, captions_per_image: int):
+    """0-based shortlist ranks of the true matches: ``(i2t (n,), t2i (m,))`` int64.
+
+    i2t rank of image i = number of captions that score at least as high as its best own caption,
+    other than that caption; t2i rank of caption j = number of other images scoring at least as
+    high as its own image.
+    """
+    import torch
+
+    with torch.no_grad():
+        return _shortlist_ranks(image_vecs, caption_vecs, captions_per_image)
+
+
+def _shortlist_ranks(image_vecs, caption_vecs, captions_per_image: int):
+    import torch
+
+    n, m = image_vecs.size(0), caption_vecs.size(0)
+    cpi = captions_per_image
+    if m != cpi * n:
+        raise ValueError(f"{m} caption vectors for {n} images with {cpi} captions per image")
+    i2t = torch.empty(n, dtype=torch.int64)
+    for lo in range(0, n, _ROWS):
+        hi = min(n, lo + _ROWS)
+        sims = image_vecs[lo:hi] @ caption_vecs.t()                               # (q, m)
+        own = sims.view(hi - lo, n, cpi)[torch.arange(hi - lo), torch.arange(lo, hi)]   # (q, cpi)
+        best = own.amax(dim=1, keepdim=True)
+        i2t[lo:hi] = ((sims >= best).sum(dim=1) - 1).cpu()
+    t2i = torch.empty(m, dtype=torch.int64)
+    for lo in range(0, m, _ROWS):
+        hi = min(m, lo + _ROWS)
+        sims = caption_vecs[lo:hi] @ image_vecs.t()                               # (q, n)
+        own = sims[torch.arange(hi - lo), torch.arange(lo, hi) // cpi].unsqueeze(1)
+        t2i[lo:hi] = ((sims >= own).sum(dim=1) - 1).cpu()
+    return i2t, t2i
+
+
+def shortlist_recall(image_vecs, caption_vecs, captions_per_image: int,
+                     ks: Iterable[int] = REPORT_KS) -> Dict[str, Dict[str, float]]:
+    """``{"i2t": {"10": pct, ...}, "t2i": {...}}``: percentage of queries recalled at each K."""
+    i2t, t2i = shortlist_ranks(image_vecs, caption_vecs, captions_per_image)
+    return {name: {str(k): float(100.0 * (ranks < k).double().mean()) for k in ks}
+            for name, ranks in (("i2t", i2t), ("t2i", t2i))}

@@ -18,13 +18,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .. import metrics
 from ..fileio import atomic_write, atomic_write_text
 from . import stats
-from .runner import Run, read_log
+from ..logs import read_log
+from .runner import Run
 from .studies import Study
 
 #: Metrics averaged over seeds: the recalls and rsum, then median and mean ranks.
-SEED_METRICS = stats.METRICS + ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
+SEED_METRICS = metrics.TABLE_METRICS + metrics.RANK_METRICS
 ROW_FIELDS = ("study", "arm", "label", "seed", "status", "error", "seconds", "cpu_seconds", "iterations",
               "best_dev_rsum",
               *SEED_METRICS, "folder")
@@ -32,11 +34,7 @@ ROW_FIELDS = ("study", "arm", "label", "seed", "status", "error", "seconds", "cp
 
 def run_metrics(result: Mapping) -> Dict[str, float]:
     """Every seed metric of a ``vsl eval`` result."""
-    out = stats.flat_metrics(result)
-    for direction in ("i2t", "t2i"):
-        for name in ("medr", "meanr"):
-            out[f"{direction}_{name}"] = float(result[direction][name])
-    return out
+    return metrics.flat_metrics(result, SEED_METRICS)
 
 
 def run_row(study: Study, run: Run) -> Dict[str, Any]:
@@ -97,11 +95,11 @@ def summarize(study: Study, runs: Sequence[Run], rows: Sequence[Mapping[str, Any
     arms = {}
     for name in arm_names:
         finished = sorted(by_arm[name], key=lambda r: r["seed"])
-        metrics = {}
+        arm_metrics = {}
         for m in SEED_METRICS:
             ci = stats.mean_ci([r[m] for r in finished])
-            metrics[m] = {"mean": ci["mean"], "ci95": ci["ci95"]}
-        arms[name] = {"runs": len(finished), "metrics": metrics}
+            arm_metrics[m] = {"mean": ci["mean"], "ci95": ci["ci95"]}
+        arms[name] = {"runs": len(finished), "metrics": arm_metrics}
 
     contributions: Dict[tuple, Dict[str, np.ndarray]] = {}
     for run in runs:
@@ -150,7 +148,7 @@ def _interval(entry: Mapping[str, Any], key: str = "mean") -> str:
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     """The table of ``summary.md``: mean [95% interval] over seeds, then the paired differences."""
-    header = ["i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum"]
+    header = metrics.column_labels()
     lines = [f"## vsl ablate --study {summary['study']}", "",
              "Mean over seeds [95% interval over seeds]:", "",
              "| arm | runs | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]

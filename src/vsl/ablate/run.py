@@ -5,12 +5,11 @@ unless ``data_path`` is given —, the recipe, the arms and seeds) and claims th
 :func:`run_study` runs what is left (:mod:`vsl.ablate.runner`) and writes the rows and the summary
 (:mod:`vsl.ablate.report`). The same call continues a half-done study.
 
-Recipe: on the demo data the demo's (:data:`vsl.demo.recipe.DEMO_RECIPE`); on other data the paper's
+Recipe: on the demo data the demo's (:data:`vsl.config.DEMO_RECIPE`); on other data the paper's
 options; then ``--preset``, then the given ``vsl train`` flags, then each arm's overrides.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import time
@@ -18,16 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from ..config import PRESETS, Config
+from ..config import DEMO_RECIPE, PRESETS, Config
 from ..data.precomp import EVAL_SPLITS
 from ..errors import ConfigError, DataError
 from ..fileio import atomic_write_text
 from ..metrics import PROTOCOLS
 from . import report
-from .runner import (PER_RUN, Executor, Run, Slots, choose_slots, claim_folder, count_lines, dataset_fingerprint,
+from .runner import (BEST, MANIFEST, PER_RUN, Executor, Run, Slots, choose_slots, claim_folder, count_lines, dataset_fingerprint,
                      folder_lock, logged_iterations, plan_runs, run_iterations, study_manifest)
-from ..demo.data import DIFFICULTIES
-from .studies import STUDIES, Study, get_study
+from .studies import Study, get_study
 
 
 
@@ -42,12 +40,19 @@ class Prepared:
     dataset: Dict[str, Any]
     demo_spec: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    manifest: Dict[str, Any] = field(default_factory=dict)
 
-
-def demo_recipe() -> Dict[str, Any]:
-    from ..demo.recipe import DEMO_RECIPE
-
-    return dict(DEMO_RECIPE)
+    def finished_checkpoint(self, arm: str, seed: int) -> Optional[Path]:
+        """The best checkpoint of run ``arm`` x ``seed`` when it has finished in a folder that holds
+        exactly this study (same data, recipe and evaluation: its ``study.json``); None otherwise."""
+        try:
+            claimed = json.loads((self.out / MANIFEST).read_text(encoding="utf-8")) == self.manifest
+        except (OSError, ValueError):
+            return None
+        run = next((r for r in self.runs if r.arm.name == arm and r.seed == seed), None)
+        if not claimed or run is None or run.state() != "finished":
+            return None
+        return run.checkpoints / BEST
 
 
 def prepare(study_name: str, seeds: Union[int, Sequence[int]], *, out: Optional[Path] = None, given: Optional[Mapping[str, Any]] = None,
@@ -74,12 +79,11 @@ def prepare(study_name: str, seeds: Union[int, Sequence[int]], *, out: Optional[
     out = Path(out) if out is not None else Path("vsl-ablate") / study.name
     demo_spec = None
     if "data_path" not in given:
-        from ..demo.data import DemoSpec, make_demo_data
-        from ..demo.recipe import DEMO_TEST_IMAGES
+        from ..data.demo import DEMO_TEST_IMAGES, DemoSpec, make_demo_data
 
         spec = DemoSpec.at(difficulty, seed=data_seed, test_images=DEMO_TEST_IMAGES, train_images=train_images)
         data = make_demo_data(out / "dataset", spec, progress=not dry_run, thumbnails=False)
-        base = dict(demo_recipe() if recipe is None else recipe)
+        base = dict(DEMO_RECIPE if recipe is None else recipe)
         base.update(data_path=str(data["data_path"]), vocab_path=str(data["vocab_path"]),
                     data_name=str(data["data_name"]), img_dim=int(data["img_dim"]),
                     num_regions=int(data["num_regions"]))
@@ -110,7 +114,7 @@ def prepare(study_name: str, seeds: Union[int, Sequence[int]], *, out: Optional[
         claim_folder(out, manifest, force=force)
     return Prepared(study, out, runs, recipe_values, dataset, demo_spec,
                     extra={"dataset": dataset, "demo_data": demo_spec, "recipe": manifest["recipe"],
-                           "evaluation": manifest["evaluation"]})
+                           "evaluation": manifest["evaluation"]}, manifest=manifest)
 
 
 def _seed_list(seeds: Union[int, Sequence[int]]) -> List[int]:
@@ -221,74 +225,3 @@ def write_results(prepared: Prepared, plot: bool = True) -> None:
     atomic_write_text(out / "summary.md", report.summary_markdown(summary))
     if plot and any(r["status"] == "finished" for r in rows):
         report.plot_summary(summary, rows, out / "summary.png")
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-ABLATE_DESCRIPTION = """\
-Run one of the paper's ablations with several seeds and report means with 95% intervals:
-
-  vsl ablate --study vsl --seeds 5                          # the demo data, the demo recipe
-  vsl ablate --study vsl --seeds 5 --difficulty hard        # the harder demo data
-  vsl ablate --study batch-size --seeds 3 --data_path DATA --vocab_path VOCAB --preset coco-sgr
-
-Studies: """ + "; ".join(f"{s.name}: {s.description} (arms {', '.join(a.name for a in s.arms)}; baseline "
-                         f"{s.baseline})" for s in STUDIES.values()) + """.
-
-Each arm x seed is one `vsl train` + `vsl eval` run (--dry_run prints them). Running the same
-command again skips finished runs, resumes interrupted ones and retries failed ones. Every
-`vsl train` flag passes through (except --seed, --model_name, --logger_name, --resume).
-"""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``vsl ablate`` itself (the cli adds the ``vsl train`` flags)."""
-    g = parser.add_argument_group("study")
-    g.add_argument("--study", required=True, help=f"one of {', '.join(STUDIES)} (default: none, required)")
-    g.add_argument("--seeds", type=int, default=3, help="seeds per arm: 0 .. N-1")
-    g.add_argument("--arms", default="", help="comma-separated subset of the study's arms, the baseline always "
-                                              "included (default: all)")
-    g.add_argument("--out", default=None, help="study folder (default: ./vsl-ablate/STUDY)")
-    g.add_argument("--jobs", type=int, default=None,
-                   help="runs at a time (default: one per CPU core, threads split between them; one per GPU)")
-    g.add_argument("--dry_run", action="store_true", help="print the commands that would run, run nothing")
-    g.add_argument("--force", action="store_true",
-                   help="the folder holds another study or dataset: delete its runs and start over")
-    g.add_argument("--no_plot", action="store_true", help="skip summary.png")
-    g.add_argument("--summary_only", action="store_true",
-                   help="write runs.csv/json and the summary from the runs finished so far, run nothing "
-                        "(safe while the study runs)")
-    g.add_argument("--eval_split", choices=EVAL_SPLITS, default="test", help="split of the test runs")
-    g.add_argument("--protocol", choices=PROTOCOLS, default="full", help="evaluation protocol")
-    d = parser.add_argument_group("demo data (when no --data_path is given)")
-    d.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="default",
-                   help="demo data: hard = look-alike classes and colours, more noise, fewer training images")
-    d.add_argument("--data_seed", type=int, default=0, help="seed of the generated demo data")
-    d.add_argument("--demo_images", type=int, default=None,
-                   help="training images of the demo data (default: the difficulty's)")
-
-
-def run(args: argparse.Namespace, given: Mapping[str, Any]) -> int:
-    """``vsl ablate`` from parsed options; ``given`` are the ``vsl train`` options given."""
-    if getattr(args, "resume", None):
-        raise ConfigError("--resume is chosen by vsl ablate for each interrupted run; leave it out")
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    prepared = prepare(args.study, args.seeds, out=args.out, given=given, preset=args.preset, arms=arms,
-                       difficulty=args.difficulty, data_seed=args.data_seed, train_images=args.demo_images,
-                       eval_split=args.eval_split, protocol=args.protocol, force=args.force, dry_run=args.dry_run)
-    if args.summary_only:
-        write_results(prepared, plot=not args.no_plot)
-        summary = json.loads((prepared.out / "summary.json").read_text(encoding="utf-8"))
-        print(report.summary_markdown(summary))
-        return 0
-    if args.dry_run:
-        pending = sum(1 for r in prepared.runs if r.state() != "finished")
-        slots = choose_slots(str(prepared.recipe.get("device", Config.device)), pending, args.jobs)
-        lines = dry_run_lines(prepared, slots)
-        print(f"# {len(lines)} of {len(prepared.runs)} runs left in {prepared.out} ({slots.describe()} here)")
-        print("\n".join(lines))
-        return 0
-    summary = run_study(prepared, jobs=args.jobs, progress=not getattr(args, "quiet", False),
-                        plot=not args.no_plot)
-    return 0 if summary["missing_total"] == 0 else 1

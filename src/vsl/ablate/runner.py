@@ -37,9 +37,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..checkpoint import BEST, LAST
 from ..config import Config
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, check_writable
+from ..logs import read_log
 from .studies import Arm, Study, arm_values
 
 FORMAT = "vsl-ablate"
@@ -49,8 +51,6 @@ MANIFEST = "study.json"
 PER_RUN = ("seed", "model_name", "logger_name")
 #: Options that change where or how fast a run computes, not what: a study may continue with others.
 NOT_IDENTITY = ("device", "workers")
-LAST = "checkpoint_last.pth.tar"
-BEST = "model_best.pth.tar"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -497,30 +497,10 @@ def run_iterations(values: Mapping[str, Any], train_captions: int) -> int:
 def logged_iterations(log: Path) -> int:
     """The last training step in a run's ``metrics.jsonl`` (0 when there is none yet)."""
     try:
-        with open(log, encoding="utf-8") as fh:
-            lines = fh.readlines()
+        events = read_log(log)
     except OSError:
         return 0
-    for line in reversed(lines):
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("split") == "train":
-            return int(event.get("step", 0))
-    return 0
-
-
-def read_log(path: Path) -> List[Dict[str, Any]]:
-    """The events of a run's ``metrics.jsonl`` (an unfinished last line is skipped)."""
-    events = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-    return events
+    return next((int(e.get("step", 0)) for e in reversed(events) if e.get("split") == "train"), 0)
 
 
 def count_lines(path: Path) -> int:

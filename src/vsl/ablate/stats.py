@@ -20,24 +20,17 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .. import metrics
 from ..errors import DataError
 
-#: Metrics of the summary, in table order; ``rsum`` = the sum of the six recalls.
-RECALLS: Tuple[Tuple[str, str, int], ...] = (
-    ("i2t_r1", "i2t", 1), ("i2t_r5", "i2t", 5), ("i2t_r10", "i2t", 10),
-    ("t2i_r1", "t2i", 1), ("t2i_r5", "t2i", 5), ("t2i_r10", "t2i", 10),
-)
-METRICS: Tuple[str, ...] = tuple(name for name, _, _ in RECALLS) + ("rsum",)
+#: Metrics of the summary, in table order (named once, in :mod:`vsl.metrics`); ``rsum`` = the sum of
+#: the six recalls.
+RECALLS = metrics.RECALLS
+METRICS = metrics.TABLE_METRICS
+flat_metrics = metrics.flat_metrics
 CONFIDENCE = 0.95
 #: Bootstrap resamples; enough for stable 95% limits (to ~0.1 rsum on 500 images).
 RESAMPLES = 9999
-
-
-def flat_metrics(result: Mapping) -> Dict[str, float]:
-    """``{"i2t_r1": .., ..., "rsum": ..}`` from a ``vsl eval`` result (``{"i2t": {"r1": ..}, ...}``)."""
-    out = {name: float(result[direction][f"r{k}"]) for name, direction, k in RECALLS}
-    out["rsum"] = float(result["rsum"])
-    return out
 
 
 def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> Dict[str, object]:

@@ -255,7 +255,7 @@ class Batch:
 
 class Collate:
     """Stack samples of :class:`PrecompDataset` into a :class:`Batch`, with the batch's semantic
-    matrices when a fitted semantics (:func:`vsl.semantics.build_semantics`) is given."""
+    matrices when a fitted semantics (:func:`vsl.data.semantics.build_semantics`) is given."""
 
     def __init__(self, semantics=None, textual: bool = False) -> None:
         if textual and semantics is None:

@@ -19,12 +19,17 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
+from ..checkpoint import BEST, LAST
+from ..config import DEMO_RECIPE
+from ..data.demo import DIFFICULTIES
 from ..errors import ConfigError, VSLError
 from ..fileio import atomic_write, atomic_write_text
-from .data import DIFFICULTIES
-from .recipe import DEMO_RECIPE, DEMO_TEST_IMAGES, demo_config  # noqa: F401  (re-exported: the demo's recipe)
+from ..logs import read_log
+
+#: The VSL weight of the demo's SGR+VSL run (the recipe's triplet-only arm sets 0).
+VSL_WEIGHT = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,40 +39,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of both training runs")
     parser.add_argument("--seeds", type=int, default=1,
                         help="seeds per run (seed, seed + 1, ...): more than one gives 95%% intervals")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset")
+    parser.add_argument("--data_seed", type=int, default=0, help="seed of the generated dataset")
     parser.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="default",
                         help="demo data: hard = look-alike classes and colours, more noise, fewer training images")
     parser.add_argument("--images", type=int, default=None, help="training images of the demo dataset "
                         "(default: the difficulty's, 3,000 by default)")
     parser.add_argument("--epochs", type=int, default=DEMO_RECIPE["num_epochs"], help="training epochs per run")
-    parser.add_argument("--vsl_weight", type=float, default=10.0, help="weight of VSL in the VSL run")
+    parser.add_argument("--vsl_weight", type=float, default=VSL_WEIGHT, help="weight of VSL in the VSL run")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+    parser.add_argument("--no_plot", action="store_true", help="skip the PNGs")
     parser.add_argument("--sequential", action="store_true",
                         help="on a CPU, train the runs one after the other instead of side by side")
     parser.add_argument("--force", action="store_true",
                         help="the folder holds runs of other options: delete them and start over")
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def prepare_demo(out, *, seed: int = 0, seeds: int = 1, epochs: int = DEMO_RECIPE["num_epochs"],
+                 vsl_weight: float = VSL_WEIGHT, device: str = "auto", difficulty: str = "default",
+                 data_seed: int = 0, images=None, force: bool = False, dry_run: bool = False):
+    """The study of ``vsl demo`` in ``out``: ``vsl ablate --study vsl`` with the demo recipe
+    (:func:`vsl.ablate.prepare`; ``dry_run`` claims nothing)."""
+    from ..ablate import prepare
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be positive, got {seeds}")
+    given = {"num_epochs": epochs, "lr_update": max(1, epochs - 1), "vsl_weight": vsl_weight, "device": device}
+    return prepare("vsl", list(range(seed, seed + seeds)), out=Path(out), given=given, difficulty=difficulty,
+                   data_seed=data_seed, train_images=images, force=force, dry_run=dry_run)
+
+
+def demo_vsl_checkpoint(prepared, seed: int = 0) -> Optional[Path]:
+    """The best checkpoint of the demo's finished SGR+VSL run of ``seed`` (None when there is none)."""
+    return prepared.finished_checkpoint("vsl", seed)
+
+
+def run(args: argparse.Namespace) -> int:
     """Run ``vsl demo`` from parsed :func:`add_arguments` options; returns the exit status.
 
     The demo is ``vsl ablate --study vsl`` with the demo recipe, in ``OUT`` (finished runs are
     kept: running it again only redoes what is missing), plus the demo's own outputs.
     """
-    from ..ablate import prepare, run_study
+    from ..ablate import run_study
     from ..metrics import format_table
 
     out = Path(args.out)
     start = time.time()
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be positive, got {args.seeds}")
-    given = {"num_epochs": args.epochs, "lr_update": max(1, args.epochs - 1), "vsl_weight": args.vsl_weight,
-             "device": args.device}
     print(f"[1/3] demo dataset in {out / 'dataset'}", flush=True)
-    prepared = prepare("vsl", list(range(args.seed, args.seed + args.seeds)), out=out, given=given,
-                       difficulty=args.difficulty, data_seed=args.data_seed, train_images=args.images,
-                       force=args.force)
+    prepared = prepare_demo(out, seed=args.seed, seeds=args.seeds, epochs=args.epochs, vsl_weight=args.vsl_weight,
+                            device=args.device, difficulty=args.difficulty, data_seed=args.data_seed,
+                            images=args.images, force=args.force)
     print("[2/3] training and testing SGR* and SGR+VSL", flush=True)
     summary = run_study(prepared, jobs=1 if args.sequential else None, plot=not args.no_plot)
     failed = [r for r in json.loads((out / "runs.json").read_text(encoding="utf-8")) if r["status"] == "failed"]
@@ -89,13 +109,18 @@ def run_demo(args: argparse.Namespace) -> int:
         plot_demo(runs, out / "demo.png")
         print(f"wrote {out / 'demo.png'}")
     print(f"demo finished in {results['seconds'] / 60:.1f} min")
+    served = demo_vsl_checkpoint(prepare_demo(out, device=args.device, dry_run=True))
+    if served is not None:
+        print(f"search with this SGR+VSL model in a browser: vsl serve --demo_dir {out} (its shortlist head "
+              "and index are built once)")
+    else:
+        print(f"vsl serve --demo_dir {out} serves an SGR+VSL model of the default demo options (this run's "
+              "options differ, so it trains that model once)")
     return 0
 
 
 def demo_runs(prepared) -> Dict[str, Dict[str, Any]]:
     """The finished runs of the demo's first seed: ``{label: {vsl_weight, train, test, log}}``."""
-    from ..ablate.runner import read_log
-
     first = min(r.seed for r in prepared.runs)
     runs: Dict[str, Dict[str, Any]] = {}
     for run in prepared.runs:
@@ -105,12 +130,12 @@ def demo_runs(prepared) -> Dict[str, Dict[str, Any]]:
         train = [e for e in events if e.get("split") == "train"]
         val = [e for e in events if e.get("split") == "val"]
         runs[run.label] = {
-            "vsl_weight": float(run.values.get("vsl_weight", 10.0)),
+            "vsl_weight": float(run.values.get("vsl_weight", VSL_WEIGHT)),
             "train": {"epoch": max((e["epoch"] for e in val), default=0),
                       "iteration": train[-1]["step"] if train else 0,
                       "best_rsum": max((e["rsum"] for e in val), default=None),
-                      "last": str(run.checkpoints / "checkpoint_last.pth.tar"),
-                      "best": str(run.checkpoints / "model_best.pth.tar"),
+                      "last": str(run.checkpoints / LAST),
+                      "best": str(run.checkpoints / BEST),
                       "seconds": run.status().get("train_seconds")},
             "test": json.loads(run.test_json.read_text(encoding="utf-8")),
             "log": str(run.log)}
@@ -119,12 +144,12 @@ def demo_runs(prepared) -> Dict[str, Dict[str, Any]]:
 
 def comparison_table(runs: Dict[str, Dict[str, Any]]) -> str:
     """The two runs side by side: R@1/5/10 both ways and rsum (markdown)."""
-    header = "| run | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    from ..metrics import TABLE_METRICS, column_labels, flat_metrics
+
+    lines = ["| run | " + " | ".join(column_labels()) + " |", "|---|" + "---|" * len(TABLE_METRICS)]
     for label, run in runs.items():
-        r = run["test"]
-        cells = [r["i2t"][k] for k in ("r1", "r5", "r10")] + [r["t2i"][k] for k in ("r1", "r5", "r10")]
-        lines.append(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {r['rsum']:.1f} |")
+        cells = flat_metrics(run["test"]).values()
+        lines.append(f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -136,10 +161,10 @@ def plot_demo(runs: Dict[str, Dict[str, Any]], path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
     import numpy as np
 
-    from ..ablate.runner import read_log
-
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    keys = [("i2t", "r1"), ("i2t", "r5"), ("i2t", "r10"), ("t2i", "r1"), ("t2i", "r5"), ("t2i", "r10")]
+    from ..metrics import RECALLS, flat_metrics
+
+    keys = [name for name, _, _ in RECALLS]
     width = 0.8 / max(1, len(runs))
     for i, (label, run) in enumerate(runs.items()):
         events = read_log(Path(run["log"]))
@@ -149,12 +174,12 @@ def plot_demo(runs: Dict[str, Dict[str, Any]], path: Path) -> Path:
         if any(e.get("vsl") for e in train):
             axes[0].plot([e["step"] for e in train], [e["vsl"] for e in train], "--", label=f"{label} VSL")
         axes[1].plot([e["epoch"] for e in val], [e["rsum"] for e in val], "o-", label=label)
-        values = [run["test"][a][k] for a, k in keys]
+        values = list(flat_metrics(run["test"], keys).values())
         axes[2].bar(np.arange(len(keys)) + i * width, values, width, label=f"{label} (rsum {run['test']['rsum']:.1f})")
     axes[0].set(title="training loss", xlabel="iteration", ylabel="loss", yscale="log")
     axes[1].set(title="validation rsum (dev)", xlabel="epoch", ylabel="rsum")
     axes[2].set(title="test recall", ylabel="%", xticks=np.arange(len(keys)) + width * (len(runs) - 1) / 2,
-                xticklabels=[f"{a} R@{k[1:]}" for a, k in keys], ylim=(0, 100))
+                xticklabels=[f"{d} R@{k}" for _, d, k in RECALLS], ylim=(0, 100))
     axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
         ax.legend(fontsize=8, loc="lower left" if ax is axes[2] else "best")

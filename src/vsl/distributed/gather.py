@@ -203,7 +203,7 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def unwrap_model(module: nn.Module) -> nn.Module:
-    """The :class:`~vsl.model.VSLModel` inside what :func:`wrap_model` returned (for saving)."""
+    """The :class:`~vsl.models.VSLModel` inside what :func:`wrap_model` returned (for saving)."""
     if isinstance(module, nn.parallel.DistributedDataParallel):
         module = module.module
     return module.model if isinstance(module, GlobalBatchScorer) else module

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed.process import gather_concat, rank_and_world
+from ..distributed import gather_concat, rank_and_world
 
 #: Images per evaluation block: the unit of work of :func:`sharded_similarity`. It must not depend
 #: on the world size, so that any number of ranks reproduces the single-process scores exactly.

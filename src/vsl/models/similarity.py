@@ -283,7 +283,7 @@ class SimilarityEncoder(nn.Module):
     ``forward(img_emb (n, R, d), cap_emb (m, L, d), lengths (m,)) -> (n, m)`` scores in (0, 1).
     """
 
-    #: Data-parallel hook (set by :func:`vsl.distributed.install_stats_gather`): maps this
+    #: Data-parallel hook (set by :func:`vsl.distributed.gather.install_stats_gather`): maps this
     #: process's per-caption SAF statistics ``(3, m)`` (mean, var, count) to those of the global
     #: batch ``(3, M)`` in global caption order, before the running-statistics update.
     stats_gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None

@@ -1,16 +1,21 @@
 """Two-stage retrieval programs: a vector shortlist from the shortlist head, exact re-ranking.
 
-* :func:`fit_shortlist` (``vsl fit-shortlist``): train a shortlist head on a frozen checkpoint;
-* :func:`build_index` / :class:`Index` (``vsl index`` / ``vsl search``): a gallery encoded once,
-  searched text -> image and image -> text;
-* :func:`evaluate_shortlist` (``vsl eval --shortlist K``): a split's metrics with re-ranking of the
-  top K only;
-* :func:`shortlist_recall`: how often the true match is in the shortlist.
+The rooms: :mod:`.store` (an index folder's layout, manifest and resumable blocks),
+:mod:`.faiss_index` (the shortlist tier behind FAISS factory strings, per-call search depth),
+:mod:`.build` (``vsl index``), :mod:`.index` (:class:`Index`: ``vsl search``, re-ranking with
+:func:`vsl.rerank.rerank`), :mod:`.fit` (``vsl fit-shortlist``), :mod:`.gallery` (what is indexed).
+
+* :func:`fit_shortlist`: train a shortlist head on a frozen checkpoint;
+* :func:`build_index` / :class:`Index`: a gallery encoded once, searched text -> image and image -> text;
+* :func:`evaluate_shortlist` (``vsl eval --shortlist K``, :func:`vsl.evaluation.evaluate` with
+  two-stage scoring) and :func:`shortlist_recall` (:mod:`vsl.metrics`) are re-exported here.
 """
+from ..evaluation import evaluate_shortlist
+from ..metrics import REPORT_KS, shortlist_ranks, shortlist_recall
+from .build import build_index
 from .fit import fit_shortlist
-from .index import Index, SearchHit, SearchResult, build_index, read_manifest
-from .recall import REPORT_KS, shortlist_ranks, shortlist_recall
-from .twostage import evaluate_shortlist
+from .index import Index, SearchHit, SearchResult
+from .store import read_manifest
 
 __all__ = ["fit_shortlist", "Index", "SearchHit", "SearchResult", "build_index", "read_manifest",
            "REPORT_KS", "shortlist_ranks", "shortlist_recall", "evaluate_shortlist"]

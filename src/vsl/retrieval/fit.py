@@ -22,16 +22,15 @@ import torch
 
 from ..checkpoint import load_state, read_checkpoint, save_checkpoint
 from ..config import SHORTLIST_DIM, SHORTLIST_LOSSES
-from ..data import PrecompDataset, check_finite, check_fits
+from ..data import split_files
 from ..device import resolve_device
 from ..errors import ConfigError
-from ..evaluation import load_for_eval, pad_token_ids
 from ..fileio import check_writable
 from ..logs import progress_bar
+from ..metrics import REPORT_KS, shortlist_recall
 from ..models import build_model
 from ..models.shortlist import ShortlistHead, masked_mean, shortlist_loss
-from .index import padded_words
-from .recall import REPORT_KS, shortlist_recall
+from ..runtime import caption_batches, image_batches, load_for_use, pad_token_ids, padded_words
 
 PathLike = Union[str, os.PathLike]
 #: Bytes of one stored embedding value (float16).
@@ -98,23 +97,15 @@ def frozen_embeddings(model, images: np.ndarray, token_ids: Sequence[Sequence[in
     img_store = torch.empty(len(keep), 1 if pooled else r, d, dtype=torch.float16)
     word_store = torch.empty(int(stored.sum()), d, dtype=torch.float16)
     bar = progress_bar(len(keep) + len(caps), desc, enabled=progress, unit="item", unit_scale=True)
-    for i in range(0, len(keep), batch_size):
-        rows = keep[i:i + batch_size]
-        array = np.asarray(images[rows], dtype=np.float32)              # reads only these rows of a memmap
-        check_finite(array, source, image_ids=rows)
-        emb = model.encode_images(torch.from_numpy(array).to(device))                 # (b, R, d)
-        img_store[i:i + len(rows)] = (emb.mean(dim=1, keepdim=True) if pooled else emb).cpu().half()
-        bar.update(len(rows))
-    for j in range(0, len(caps), batch_size):
-        lens = lengths[j:j + batch_size]
-        words = model.encode_captions(ids[j:j + batch_size, :int(lens.max())].to(device), lens)   # (b, L, d)
+    for i, j, emb in image_batches(model, images, rows=keep, batch_size=batch_size, source=source, bar=bar):
+        img_store[i:j] = (emb.mean(dim=1, keepdim=True) if pooled else emb).cpu().half()     # emb (b, R, d)
+    for j, _, words, lens in caption_batches(model, ids, lengths, batch_size=batch_size, bar=bar):
         if pooled:
             packed = masked_mean(words, lens.to(device))                               # (b, d)
         else:
             packed = words[torch.arange(words.size(1), device=device) < lens.to(device).unsqueeze(1)]
         start = int(offsets[j])
         word_store[start:start + len(packed)] = packed.cpu().half()
-        bar.update(len(lens))
     bar.close()
     image_of = torch.arange(len(keep)).repeat_interleave(captions_per_image)
     return FrozenEmbeddings(img_store, word_store, offsets, stored, image_of), len(keep)
@@ -164,17 +155,10 @@ def global_vectors(model, head: ShortlistHead, images: np.ndarray, token_ids: Se
     device = model.device
     ids, lengths = pad_token_ids(token_ids)
     bar = progress_bar(len(images) + len(lengths), desc, enabled=progress, unit="item", unit_scale=True)
-    img_parts, cap_parts = [], []
-    for i in range(0, len(images), batch_size):
-        array = np.array(images[i:i + batch_size], dtype=np.float32)
-        check_finite(array, source, i)
-        img_parts.append(head.images(model.encode_images(torch.from_numpy(array).to(device))).float().cpu())
-        bar.update(len(array))
-    for j in range(0, len(lengths), batch_size):
-        lens = lengths[j:j + batch_size]
-        words = model.encode_captions(ids[j:j + batch_size, :int(lens.max())].to(device), lens)
-        cap_parts.append(head.captions(words, lens.to(device)).float().cpu())
-        bar.update(len(lens))
+    img_parts = [head.images(emb).float().cpu()
+                 for _, _, emb in image_batches(model, images, batch_size=batch_size, source=source, bar=bar)]
+    cap_parts = [head.captions(words, lens.to(device)).float().cpu()
+                 for _, _, words, lens in caption_batches(model, ids, lengths, batch_size=batch_size, bar=bar)]
     bar.close()
     return torch.cat(img_parts), torch.cat(cap_parts)
 
@@ -201,7 +185,7 @@ def fit_shortlist(checkpoint: PathLike, data_path: Optional[PathLike] = None, ou
     out = Path(out)
     check_writable(out, "file")
     dev = resolve_device(device)
-    loaded = load_for_eval(checkpoint, dev, vocab_path, data_name)
+    loaded = load_for_use(checkpoint, dev, vocab_path, data_name)
     config = loaded.config
     if not max_memory_gb > 0:
         raise ConfigError(f"max_memory_gb must be positive, got {max_memory_gb}")
@@ -216,13 +200,12 @@ def fit_shortlist(checkpoint: PathLike, data_path: Optional[PathLike] = None, ou
         raise ConfigError(f"shortlist loss must be one of {SHORTLIST_LOSSES}, got {fields['shortlist_loss']!r}")
     config = config.replace(**fields)                  # validates the values (one-line ConfigError)
     data_path = data_path if data_path is not None else config.data_path
-    train_set = PrecompDataset(data_path, config.data_name, "train", loaded.vocab)
-    check_fits(config, train_set, loaded.vocab, source=checkpoint)
-    tokens = [loaded.vocab.encode(c) for c in train_set.captions]
-    frozen, kept = frozen_embeddings(loaded.model, train_set.images[:train_set.num_images], tokens,
+    opened = loaded.open_split(data_path, "train")
+    train_set = opened.dataset
+    frozen, kept = frozen_embeddings(loaded.model, opened.images, opened.token_ids,
                                      train_set.captions_per_image, pooled=config.shortlist_hidden == 0,
                                      max_memory_gb=max_memory_gb, seed=seed, progress=progress,
-                                     source=str(train_set.images_path), desc="encode train")
+                                     source=opened.source, desc="encode train")
     if kept < train_set.num_images:
         print(f"vsl: note: fitting the shortlist head on {kept:,} of the {train_set.num_images:,} training images "
               f"(their embeddings fill max_memory_gb {max_memory_gb:g})", file=sys.stderr)
@@ -254,10 +237,10 @@ def fit_shortlist(checkpoint: PathLike, data_path: Optional[PathLike] = None, ou
 def split_recall(model, head: ShortlistHead, data_path: PathLike, data_name: str, split: str, vocab, *,
                  progress: bool = True, ks=REPORT_KS) -> Optional[Dict[str, Dict[str, float]]]:
     """Shortlist recall of ``head`` on ``split`` (None when the data has no such split)."""
-    from ..data import split_files
-
     if not all(p.is_file() for p in split_files(data_path, data_name, split)):
         return None
+    from ..data import PrecompDataset
+
     dataset = PrecompDataset(data_path, data_name, split, vocab)
     tokens = [vocab.encode(c) for c in dataset.captions]
     img_vecs, cap_vecs = global_vectors(model, head, dataset.images[:dataset.num_images], tokens,

@@ -1,378 +1,32 @@
-"""``vsl index`` / ``vsl search``: a gallery encoded once, searched in two stages.
+"""``vsl search``: a built index (:mod:`.store`, :mod:`.build`), loaded once and searched in two stages.
 
-An index folder holds, for a checkpoint with a shortlist head (:mod:`vsl.models.shortlist`)::
-
-    images.regions.npy     (n, R, d) region embeddings, float16 or float32, memory-mapped at search time
-    images.global.npy      (n, D) float32 shortlist vectors (l2-normalised)
-    images.faiss           FAISS inner-product index of them (flat, hnsw or ivf)
-    captions.words.npy     (W, d) word embeddings of all captions, one row per word, captions back to back
-    captions.offsets.npy   (m + 1,) int64: caption j is rows offsets[j]:offsets[j + 1]
-    captions.global.npy    (m, D) float32, captions.faiss, captions.txt        (splits with captions only)
-    {data_name}_vocab.json the vocabulary of the text queries
-    manifest.json          checkpoint SHA-256, options, sizes and versions -- written last
-
-A search encodes the query, takes the shortlist (top ``shortlist`` gallery items by cosine from
-FAISS), scores only those with the exact model (:meth:`vsl.models.similarity.SimilarityEncoder.score_pairs`)
-and returns the best ``k`` by exact score; ``shortlist=0`` scores the whole gallery exactly.
-
-Builds run in blocks of :data:`BLOCK_IMAGES` images (:data:`BLOCK_CAPTIONS` captions); each finished
-block is recorded in a progress file, so that an interrupted build, run again with the same options,
-resumes at the first unfinished block. Under torchrun every process encodes its own contiguous run
-of blocks into the shared files and rank 0 builds the FAISS indexes and the manifest.
+A search encodes the query, takes the shortlist (the top ``shortlist`` gallery items by cosine from
+the FAISS index, :func:`vsl.retrieval.faiss_index.search`), scores only those with the exact model
+and returns the best ``k`` (:func:`vsl.rerank.rerank`, both directions); ``shortlist=0`` scores the
+whole gallery exactly.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from ..config import INDEX_DTYPES, INDEX_TYPES
 from ..errors import CheckpointError, ConfigError, DataError
-from ..fileio import atomic_write, atomic_write_text, check_writable
-from ..logs import progress_bar
-from .gallery import feature_gallery, split_gallery
+from ..rerank import rerank
+from ..runtime import pad_token_ids, padded_words
+from .faiss_index import read_faiss, search
+from .store import FILES, read_manifest, sha256_file
 
 PathLike = Union[str, os.PathLike]
-INDEX_FORMAT = "vsl-index-1"
-MANIFEST = "manifest.json"
-BLOCK_IMAGES = 1024
-BLOCK_CAPTIONS = 4096
-#: HNSW graph degree and build/search depth; IVF lists per sqrt(n) and probes (recall ~0.99 at K=100
-#: on the demo gallery, see the README's retrieval section).
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 256
-IVF_LISTS_PER_SQRT_N, IVF_NPROBE = 4, 32
 #: Images whose regions are scored at once in exhaustive search (bounds the float32 copy).
 EXHAUSTIVE_BLOCK = 2048
 
-FILES = {
-    "regions": "images.regions.npy", "image_global": "images.global.npy", "image_faiss": "images.faiss",
-    "words": "captions.words.npy", "offsets": "captions.offsets.npy", "caption_global": "captions.global.npy",
-    "caption_faiss": "captions.faiss", "captions": "captions.txt",
-}
 
-
-def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def require_shortlist(model, source: PathLike) -> None:
-    """CheckpointError naming ``vsl fit-shortlist`` when ``model`` has no shortlist head."""
-    if getattr(model, "shortlist", None) is None:
-        raise CheckpointError(f"{source}: checkpoint has no shortlist head; fit one first with "
-                              f"`vsl fit-shortlist --checkpoint {source} --data_path DATA --out CK2` "
-                              "(or train with --shortlist_weight) and index with CK2")
-
-
-# --------------------------------------------------------------------------------------------
-# FAISS
-# --------------------------------------------------------------------------------------------
-def make_faiss(vectors: np.ndarray, index_type: str, seed: int = 0):
-    """An inner-product FAISS index of ``vectors (n, D)`` float32: exact ``flat``, graph ``hnsw``, or ``ivf``."""
-    import faiss
-
-    n, dim = vectors.shape
-    if index_type == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif index_type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    elif index_type == "ivf":
-        lists = max(1, min(n // 39, int(IVF_LISTS_PER_SQRT_N * np.sqrt(n))))   # FAISS wants >= 39 points per list
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        sample = vectors
-        if n > 256 * lists:
-            sample = vectors[np.sort(np.random.default_rng(seed).choice(n, 256 * lists, replace=False))]
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    else:
-        raise ConfigError(f"index type must be one of {INDEX_TYPES}, got {index_type!r}")
-    for lo in range(0, n, 65536):
-        index.add(np.ascontiguousarray(vectors[lo:lo + 65536], dtype=np.float32))
-    return index
-
-
-def write_faiss(path: Path, index) -> None:
-    import faiss
-
-    atomic_write(path, lambda fh: fh.write(faiss.serialize_index(index).tobytes()))
-
-
-def read_faiss(path: Path):
-    import faiss
-
-    try:
-        return faiss.read_index(str(path))
-    except RuntimeError as exc:
-        raise DataError(f"{path}: not a readable FAISS index ({str(exc).strip().splitlines()[-1]})") from None
-
-
-def tune_faiss(index, shortlist: int) -> None:
-    """Search depth of approximate indexes for a shortlist of ``shortlist`` items."""
-    import faiss
-
-    if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = max(HNSW_EF_SEARCH, 2 * shortlist)
-    elif isinstance(index, faiss.IndexIVF):
-        index.nprobe = min(index.nlist, IVF_NPROBE)
-
-
-# --------------------------------------------------------------------------------------------
-# Building
-# --------------------------------------------------------------------------------------------
-def _block_range(num_blocks: int, distributed) -> range:
-    """This process's contiguous run of blocks (all of them without torchrun)."""
-    if distributed is None or distributed.world_size == 1:
-        return range(num_blocks)
-    r, w = distributed.rank, distributed.world_size
-    return range(num_blocks * r // w, num_blocks * (r + 1) // w)
-
-
-class _Progress:
-    """Finished blocks of one side ("images"/"captions"), one JSON file per process, for resume."""
-
-    def __init__(self, out: Path, side: str, options: Dict[str, Any], rank: int):
-        self.out, self.side, self.options, self.rank = out, side, options, rank
-        self.path = out / f"progress-{side}-r{rank}.json"
-        self.done: List[int] = []
-
-    def finished(self) -> set:
-        """Blocks recorded by any process of a build with the same options."""
-        done = set()
-        for path in self.out.glob(f"progress-{self.side}-r*.json"):
-            try:
-                state = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if state.get("options") == self.options:
-                done.update(int(b) for b in state.get("blocks", []))
-                if path == self.path:
-                    self.done = [int(b) for b in state.get("blocks", [])]
-        return done
-
-    def mark(self, block: int) -> None:
-        self.done.append(block)
-        atomic_write_text(self.path, json.dumps({"options": self.options, "blocks": self.done}))
-
-
-def _write_blocks(side: str, total: int, block: int, batch_size: int, write: Callable[[int, int], None],
-                  arrays: Sequence[np.ndarray], progress: "_Progress", done: set, distributed, show: bool) -> None:
-    """Fill this process's unfinished blocks of ``total`` items (``block`` each), ``write(i, j)``
-    writing rows ``i:j`` of ``arrays`` ``batch_size`` at a time; a block is marked finished only
-    after ``arrays`` are flushed, so a resumed build never trusts rows that did not reach the disk."""
-    blocks = [b for b in _block_range(-(-total // block), distributed) if b not in done]
-    bar = progress_bar(total, f"index {side}", enabled=show, unit=side[:3], unit_scale=True,
-                       initial=min(total, len(done) * block))
-    for b in blocks:
-        lo, hi = b * block, min(total, (b + 1) * block)
-        for i in range(lo, hi, batch_size):
-            j = min(hi, i + batch_size)
-            write(i, j)
-            bar.update(j - i)
-        for array in arrays:
-            array.flush()
-        progress.mark(b)
-    bar.close()
-
-
-def padded_words(words, starts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
-    """Captions stored packed (word embeddings one caption after another, ``words (W, d)``: a memmap,
-    an array or a CPU tensor) as zero-padded ``(len, L, d)`` float32: caption j is rows
-    ``starts[j] : starts[j] + lengths[j]``. One gather of just those rows (a memmap reads no others),
-    scattered into the padded layout."""
-    width = int(lengths.max())
-    rows = starts[:, None] + np.arange(width)[None, :]
-    valid = np.arange(width)[None, :] < lengths[:, None]
-    out = np.zeros((len(starts), width, words.shape[1]), dtype=np.float32)
-    out[valid] = np.asarray(words[rows[valid]], dtype=np.float32)
-    return torch.from_numpy(out)
-
-
-def _open_array(path: Path, shape: Tuple[int, ...], dtype, fresh: bool) -> np.ndarray:
-    """A writable ``.npy`` memmap: created (sparse) when ``fresh``, else reopened after checking its header."""
-    if not fresh and path.is_file():
-        try:
-            array = np.lib.format.open_memmap(path, mode="r+")
-            if array.shape == tuple(shape) and array.dtype == np.dtype(dtype):
-                return array
-        except (ValueError, OSError):
-            pass
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
-
-
-@torch.inference_mode()
-def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, split: str = "test",
-                out: PathLike = "index", *, data_name: Optional[str] = None, vocab_path: Optional[PathLike] = None,
-                features: Optional[PathLike] = None, dtype: str = "float16", index_type: str = "flat",
-                batch_size: int = 128, device: str = "auto", progress: bool = True, distributed=None,
-                block_images: int = BLOCK_IMAGES, block_captions: int = BLOCK_CAPTIONS) -> Path:
-    """Encode a split (or a pure image gallery: ``features``, a folder of ``.npy`` files) into ``out``.
-
-    ``checkpoint`` must have a shortlist head. Returns the index folder. ``distributed`` (a
-    :class:`vsl.distributed.DistInfo` under torchrun): each process encodes its run of blocks.
-    Running the same command again after an interruption resumes at the first unfinished block;
-    an index already complete for the same checkpoint and options is left as it is.
-    """
-    from ..data import PrecompDataset, check_fits
-    from ..device import resolve_device
-    from ..evaluation import load_for_eval, pad_token_ids
-
-    if dtype not in INDEX_DTYPES:
-        raise ConfigError(f"index dtype must be one of {INDEX_DTYPES}, got {dtype!r}")
-    if index_type not in INDEX_TYPES:
-        raise ConfigError(f"index type must be one of {INDEX_TYPES}, got {index_type!r}")
-    if batch_size < 1 or block_images < 1 or block_captions < 1:
-        raise ConfigError(f"batch and block sizes must be positive, got {batch_size}, {block_images}, {block_captions}")
-    rank = distributed.rank if distributed is not None else 0
-    is_main = rank == 0
-    out = Path(out)
-    check_writable(out, "folder")
-    dev = distributed.device if distributed is not None else resolve_device(device)
-    loaded = load_for_eval(checkpoint, dev, vocab_path, data_name)
-    require_shortlist(loaded.model, checkpoint)
-    model, config = loaded.model, loaded.config
-    if features is not None:
-        gallery = feature_gallery(features)
-        for name, have in (("img_dim", gallery.img_dim), ("num_regions", gallery.num_regions)):
-            if getattr(config, name) != have:
-                raise CheckpointError(f"{checkpoint}: the model expects {name} {getattr(config, name)}, "
-                                      f"the features in {features} have {have}")
-        source = {"features": [str(Path(s).resolve()) for s in gallery.sources]}
-    else:
-        data_path = data_path if data_path is not None else config.data_path
-        dataset = PrecompDataset(data_path, config.data_name, split, loaded.vocab)
-        check_fits(config, dataset, loaded.vocab, source=checkpoint)
-        gallery = split_gallery(dataset)
-        source = {"data_path": str(Path(data_path).resolve()), "split": split, "data_name": config.data_name}
-    n, m = gallery.num_images, len(gallery.captions)
-    d, dim = config.embed_size, config.shortlist_dim
-    tokens = [loaded.vocab.encode(c) for c in gallery.captions]
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    options = {"format": INDEX_FORMAT, "checkpoint_sha256": sha256_file(checkpoint), "dtype": dtype,
-               "index_type": index_type, "num_images": n, "num_captions": m, "embed_size": d,
-               "shortlist_dim": dim, "num_regions": gallery.num_regions, "block_images": block_images,
-               "block_captions": block_captions, **source}
-
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        try:
-            if json.loads(manifest_path.read_text()).get("options") == options:
-                return out                                         # complete and up to date
-        except (OSError, json.JSONDecodeError):
-            pass
-        if is_main:
-            manifest_path.unlink()          # the old index is being replaced: never leave a stale manifest
-    _barrier(distributed)
-    img_progress = _Progress(out, "images", options, rank)
-    cap_progress = _Progress(out, "captions", options, rank)
-    img_done, cap_done = img_progress.finished(), cap_progress.finished()
-    fresh = not img_done and not cap_done
-    store = np.float16 if dtype == "float16" else np.float32
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _open_array(out / FILES["regions"], (n, gallery.num_regions, d), store, fresh)
-        _open_array(out / FILES["image_global"], (n, dim), np.float32, fresh)
-        if m:
-            _open_array(out / FILES["words"], (int(offsets[-1]), d), store, fresh)
-            _open_array(out / FILES["caption_global"], (m, dim), np.float32, fresh)
-    _barrier(distributed)
-    show = progress and is_main
-
-    # Images: region embeddings and global vectors, block by block.
-    regions = np.lib.format.open_memmap(out / FILES["regions"], mode="r+")
-    img_global = np.lib.format.open_memmap(out / FILES["image_global"], mode="r+")
-
-    def write_images(i: int, j: int) -> None:
-        emb = model.encode_images(torch.from_numpy(gallery.read(i, j)).to(dev))          # (b, R, d)
-        regions[i:j] = emb.cpu().numpy().astype(store)
-        img_global[i:j] = model.shortlist.images(emb).cpu().numpy()
-
-    _write_blocks("images", n, block_images, batch_size, write_images, (regions, img_global), img_progress,
-                  img_done, distributed, show)
-    del regions, img_global
-
-    # Captions: word embeddings back to back, and global vectors.
-    if m:
-        ids, lens = pad_token_ids(tokens)
-        words = np.lib.format.open_memmap(out / FILES["words"], mode="r+")
-        cap_global = np.lib.format.open_memmap(out / FILES["caption_global"], mode="r+")
-
-        def write_captions(i: int, j: int) -> None:
-            batch_lens = lens[i:j]
-            emb = model.encode_captions(ids[i:j, :int(batch_lens.max())].to(dev), batch_lens)   # (b, L, d)
-            mask = torch.arange(emb.size(1)) < batch_lens.unsqueeze(1)
-            words[offsets[i]:offsets[j]] = emb.cpu()[mask].numpy().astype(store)   # row-major = caption order
-            cap_global[i:j] = model.shortlist.captions(emb, batch_lens.to(dev)).cpu().numpy()
-
-        _write_blocks("captions", m, block_captions, batch_size, write_captions, (words, cap_global), cap_progress,
-                      cap_done, distributed, show)
-        del words, cap_global
-    _barrier(distributed)
-
-    if is_main:
-        files = [FILES["regions"], FILES["image_global"], FILES["image_faiss"]]
-        write_faiss(out / FILES["image_faiss"], make_faiss(np.load(out / FILES["image_global"], mmap_mode="r"),
-                                                           index_type))
-        if m:
-            write_faiss(out / FILES["caption_faiss"],
-                        make_faiss(np.load(out / FILES["caption_global"], mmap_mode="r"), index_type))
-            atomic_write(out / FILES["offsets"], lambda fh: np.save(fh, offsets))
-            atomic_write_text(out / FILES["captions"], "".join(c + "\n" for c in gallery.captions))
-            files += [FILES[k] for k in ("words", "offsets", "caption_global", "caption_faiss", "captions")]
-        vocab_name = f"{config.data_name}_vocab.json"
-        vocab_json = json.dumps({"word2idx": loaded.vocab.word2idx,
-                                 "idx2word": {str(k): v for k, v in loaded.vocab.idx2word.items()},
-                                 "idx": len(loaded.vocab)})
-        atomic_write_text(out / vocab_name, vocab_json)
-        files.append(vocab_name)
-        manifest = {
-            "format": INDEX_FORMAT, "options": options, "versions": _versions(),
-            "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": options["checkpoint_sha256"],
-            "model": config.module_name, "data_name": config.data_name, "split": source.get("split"),
-            "num_images": n, "num_captions": m, "captions_per_image": gallery.captions_per_image,
-            "num_regions": gallery.num_regions, "embed_size": d, "shortlist_dim": dim, "dtype": dtype,
-            "index_type": index_type, "bytes_per_image": _bytes_per_image(out, files, n),
-            "files": {f: (out / f).stat().st_size for f in files}, "created": time.time(),
-        }
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")     # last: the index is complete
-        for path in out.glob("progress-*.json"):
-            path.unlink(missing_ok=True)
-    _barrier(distributed)
-    return out
-
-
-def _bytes_per_image(out: Path, files: Sequence[str], n: int) -> float:
-    image_files = [f for f in files if f.startswith("images.")]
-    return sum((out / f).stat().st_size for f in image_files) / max(1, n)
-
-
-def _versions() -> Dict[str, str]:
-    import faiss
-
-    from .. import __version__
-    return {"vsl": __version__, "torch": torch.__version__, "numpy": np.__version__, "faiss": faiss.__version__}
-
-
-def _barrier(distributed) -> None:
-    if distributed is not None and distributed.world_size > 1:
-        import torch.distributed as dist
-        dist.barrier(group=distributed.group)
-
-
-# --------------------------------------------------------------------------------------------
-# Searching
-# --------------------------------------------------------------------------------------------
 @dataclass
 class SearchHit:
     """One result: ``id`` is an image index (text queries) or a caption index (image queries)."""
@@ -438,7 +92,7 @@ class Index:
         match the manifest's (a CheckpointError otherwise).
         """
         from ..device import resolve_device
-        from ..evaluation import load_for_eval
+        from ..runtime import load_for_use
 
         path = Path(path)
         manifest = read_manifest(path)
@@ -451,8 +105,7 @@ class Index:
                                   f"{path} was built from ({manifest['checkpoint_sha256'][:12]}..., "
                                   f"{manifest['checkpoint']}); pass that checkpoint or rebuild the index")
         dev = resolve_device(device)
-        loaded = load_for_eval(ckpt, dev, vocab_path=path, data_name=manifest["data_name"])
-        require_shortlist(loaded.model, ckpt)
+        loaded = load_for_use(ckpt, dev, vocab_path=path, data_name=manifest["data_name"], shortlist=True)
         return cls(path, manifest, loaded.model, loaded.vocab, dev)
 
     def _check_shapes(self) -> None:
@@ -503,7 +156,6 @@ class Index:
     def search_text(self, queries: Sequence[str], k: int = 10, shortlist: int = 100) -> List[SearchResult]:
         """Images for each text query (one batch): exact scores of the top ``shortlist`` by cosine."""
         from ..data import tokenize
-        from ..evaluation import pad_token_ids
 
         start = time.perf_counter()
         if isinstance(queries, str):
@@ -520,18 +172,10 @@ class Index:
         cap_vec = self.model.shortlist.captions(cap_emb, lengths.to(self.device)).float()   # (Q, D)
         Q = len(queries)
         if shortlist:
-            tune_faiss(self.image_faiss, shortlist)
-            cos, cand = self.image_faiss.search(np.ascontiguousarray(cap_vec.cpu().numpy()), shortlist)   # (Q, S)
-            uniq, inverse = np.unique(np.where(cand < 0, 0, cand), return_inverse=True)
-            img_emb = self._regions(uniq)
-            exact = self.model.sim_enc.score_pairs(
-                img_emb, cap_emb, lengths, torch.from_numpy(inverse.reshape(-1)),
-                torch.arange(Q).repeat_interleave(shortlist)).view(Q, shortlist).float().cpu()
-            exact[torch.from_numpy(cand < 0)] = float("-inf")            # approximate indexes may return fewer
-            order = torch.argsort(exact, dim=1, descending=True, stable=True)[:, :k]
-            hit_ids = np.take_along_axis(cand, order.numpy(), 1)
-            hit_scores = torch.gather(exact, 1, order).numpy()
-            hit_cos = np.take_along_axis(cos, order.numpy(), 1)
+            cos, cand = search(self.image_faiss, cap_vec.cpu().numpy(), shortlist)                # (Q, S)
+            hit_ids, hit_scores, hit_cos = rerank(
+                cand, cos, lambda uniq, query, item: self.model.sim_enc.score_pairs(
+                    self._regions(uniq), cap_emb, lengths, item, query), k)
         else:
             exact = self._exhaustive_images(cap_emb, lengths)             # (Q, n)
             top = torch.topk(exact, k, dim=1)
@@ -574,18 +218,10 @@ class Index:
         img_emb = torch.from_numpy(np.asarray(self.regions[ids], dtype=np.float32)).to(self.device)   # (Q, R, d)
         img_vec = np.asarray(self.image_global[ids], dtype=np.float32)
         if shortlist:
-            tune_faiss(self.caption_faiss, shortlist)
-            cos, cand = self.caption_faiss.search(np.ascontiguousarray(img_vec), shortlist)
-            uniq, inverse = np.unique(np.where(cand < 0, 0, cand), return_inverse=True)
-            cap_emb, lengths = self._caption_words(uniq)
-            exact = self.model.sim_enc.score_pairs(
-                img_emb, cap_emb, lengths, torch.arange(Q).repeat_interleave(shortlist),
-                torch.from_numpy(inverse.reshape(-1))).view(Q, shortlist).float().cpu()
-            exact[torch.from_numpy(cand < 0)] = float("-inf")
-            order = torch.argsort(exact, dim=1, descending=True, stable=True)[:, :k]
-            hit_ids = np.take_along_axis(cand, order.numpy(), 1)
-            hit_scores = torch.gather(exact, 1, order).numpy()
-            hit_cos = np.take_along_axis(cos, order.numpy(), 1)
+            cos, cand = search(self.caption_faiss, img_vec, shortlist)                            # (Q, S)
+            hit_ids, hit_scores, hit_cos = rerank(
+                cand, cos, lambda uniq, query, item: self.model.sim_enc.score_pairs(
+                    img_emb, *self._caption_words(uniq), query, item), k)
         else:
             parts = []
             for j in range(0, self.num_captions, EXHAUSTIVE_BLOCK):
@@ -607,27 +243,3 @@ class Index:
         starts = self.offsets[caption_ids]
         lengths = self.offsets[caption_ids + 1] - starts
         return padded_words(self.words, starts, lengths).to(self.device), torch.from_numpy(lengths)
-
-
-def read_manifest(path: Path) -> Dict[str, Any]:
-    """The manifest of the index folder ``path``, after checking that every listed file has its size."""
-    manifest_path = path / MANIFEST
-    if not path.is_dir():
-        raise DataError(f"{path}: no such index folder (build one with `vsl index`)")
-    if not manifest_path.is_file():
-        raise DataError(f"{path}: no {MANIFEST}: not a vsl index, or its build did not finish "
-                        "(run the same `vsl index` command again to resume it)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{manifest_path}: unreadable index manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-        raise DataError(f"{manifest_path}: not a {INDEX_FORMAT} manifest")
-    for name, size in manifest.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise DataError(f"{file}: missing index file (rebuild the index with `vsl index`)")
-        actual = file.stat().st_size
-        if actual != size:
-            raise DataError(f"{file}: {actual} bytes, expected {size} (truncated or changed; rebuild the index)")
-    return manifest

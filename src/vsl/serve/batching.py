@@ -8,10 +8,9 @@ worker is busy, arriving queries keep collecting, so batches grow with the load 
 adds no more than the window to a query's latency. ``max_batch=1`` turns batching off (every
 query its own call), the baseline of ``benchmarks/bench_serve.py``.
 
-Batches with different shortlist sizes never run at the same time: ``Index`` sets the search depth
-of an approximate FAISS index (HNSW's ``efSearch``) from the shortlist size on each call, so two
-concurrent calls with different sizes could search with each other's depth. Groups start oldest
-first, so one waiting for a different size is not overtaken by younger ones (no starvation).
+Batches run concurrently whatever their ``k`` and ``shortlist``: the index passes the search depth
+of an approximate FAISS index to each call (:func:`vsl.retrieval.faiss_index.search_parameters`),
+so concurrent calls cannot disturb each other. Groups start oldest first.
 """
 from __future__ import annotations
 
@@ -54,7 +53,6 @@ class QueryBatcher:
         self._pending: Deque[_Group] = deque()        # oldest first
         self._filling: Dict[Hashable, _Group] = {}   # the group that new queries of a key join
         self._busy = 0
-        self._running: Dict[int, int] = {}           # shortlist size -> batches running with it
         self._timer: Optional[asyncio.TimerHandle] = None
         self.batches = 0                              # counters for /api/info and the benchmark
         self.queries = 0
@@ -85,8 +83,6 @@ class QueryBatcher:
                 return                                # a finishing batch calls _dispatch again
             if len(group.queries) < self.max_batch and now < group.opened + self.window_s:
                 continue                              # still collecting
-            if self._running and group.shortlist not in self._running:
-                break                                 # waits for the other size's batches to finish
             self._pending.remove(group)
             if self._filling.get(group.key) is group:
                 del self._filling[group.key]
@@ -99,7 +95,6 @@ class QueryBatcher:
 
     def _start(self, loop: asyncio.AbstractEventLoop, group: _Group) -> None:
         self._busy += 1
-        self._running[group.shortlist] = self._running.get(group.shortlist, 0) + 1
         self.batches += 1
         self.queries += len(group.queries)
         task = loop.run_in_executor(self.executor, _run_group, group.search, list(group.queries),
@@ -107,9 +102,6 @@ class QueryBatcher:
 
         def done(task: "asyncio.Future[List[Tuple[bool, Any]]]") -> None:
             self._busy -= 1
-            self._running[group.shortlist] -= 1
-            if not self._running[group.shortlist]:
-                del self._running[group.shortlist]
             outcomes = task.result()                  # _run_group never raises
             for future, (ok, value) in zip(group.futures, outcomes):
                 if future.done():                     # the client went away

@@ -44,8 +44,8 @@ def search_threads(workers: Optional[int] = None) -> int:
 
 def default_thumbnails(index) -> Optional[Path]:
     """The pictures of the indexed split, when its dataset has them (see
-    :func:`vsl.demo.data.split_thumbnails`); None otherwise."""
-    from ..demo.data import split_thumbnails
+    :func:`vsl.data.demo.split_thumbnails`); None otherwise."""
+    from ..data.demo import split_thumbnails
 
     source = getattr(index, "manifest", {}).get("options", {})
     if not all(isinstance(source.get(k), str) for k in ("data_path", "data_name", "split")):

@@ -37,12 +37,13 @@ from tqdm.auto import tqdm
 
 from .. import metrics
 from .. import distributed as vdist
-from ..checkpoint import load_state, read_checkpoint, save_checkpoint
+from ..checkpoint import BEST, LAST, epoch_checkpoint, load_state, read_checkpoint, save_checkpoint
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, VSLError
 from ..data import PrecompDataset, Vocabulary, build_semantics, check_fits, default_max_captions, make_loader, vocab_file
 from ..device import resolve_device
-from ..evaluation import encode_split, image_shard, score
+from ..evaluation import image_shard, score
+from ..runtime import encode_split
 from ..fileio import check_writable
 from ..logs import RunLogger, progress_bar
 from ..losses import VSLObjective
@@ -51,17 +52,8 @@ from ..models.shortlist import shortlist_loss
 from ..precision import precision_context
 from .plateau import Plateau, PlateauDetector
 
-LAST = "checkpoint_last.pth.tar"
-BEST = "model_best.pth.tar"
-
-
 class DivergenceError(VSLError):
     """The loss (or the gradient norm) became NaN or infinite; the run stopped before updating."""
-
-
-def epoch_checkpoint(epoch: int) -> str:
-    """File name of the checkpoint written after ``epoch`` epochs (1-based)."""
-    return f"checkpoint_{epoch}.pth.tar"
 
 
 def learning_rate(config: Config, epoch: int, iteration: int) -> float:

@@ -7,7 +7,7 @@ and ground, every object as a shape of its kind (animals ellipses, people figure
 wheels, furniture on legs, small things as simple signs) filled with its colour and labelled with
 its noun, placed as the relation says (``on``: the subject stands on the partner, ``under``: the
 partner hangs above it, ``behind``/``in front of``: depth and drawing order). Only drawing lives
-here; the scenes themselves are owned by :mod:`vsl.demo.data`.
+here; the scenes themselves are owned by :mod:`vsl.data.demo`.
 """
 from __future__ import annotations
 

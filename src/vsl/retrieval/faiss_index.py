@@ -1,0 +1,140 @@
+"""The shortlist tier: FAISS inner-product indexes of the shortlist vectors, named by factory strings.
+
+``vsl index --index_type`` takes one of the names of :data:`FACTORY` (``flat`` = exact, ``hnsw`` =
+graph, ``ivf`` = inverted lists, each a FAISS factory string) or any FAISS factory string itself
+(``"IVF1024,PQ16"``, ``"HNSW64"``, ...). Indexes that need training are trained on a seeded sample.
+
+Search depth is a per-call parameter (:func:`search_parameters`: HNSW's ``efSearch``, IVF's
+``nprobe``), never a setting of the shared index, so concurrent searches with different shortlist
+sizes do not disturb each other.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..fileio import atomic_write
+
+#: Named index types and their factory strings; ``{lists}`` is filled with :func:`ivf_lists` (n).
+FACTORY = {"flat": "Flat", "hnsw": "HNSW32", "ivf": "IVF{lists},Flat"}
+INDEX_TYPES = tuple(FACTORY)
+#: HNSW build/search depth; IVF lists per sqrt(n) and probes (recall ~0.99 at K=100 on the demo
+#: gallery, see the README's retrieval section).
+HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 80, 256
+IVF_LISTS_PER_SQRT_N, IVF_NPROBE = 4, 32
+#: Training points per IVF list (FAISS wants >= 39; a larger sample is subsampled to this many).
+IVF_MIN_POINTS, IVF_SAMPLE_POINTS = 39, 256
+#: Vectors added per call (bounds the float32 copy of a memory-mapped array).
+ADD_BLOCK = 65536
+
+
+def ivf_lists(n: int) -> int:
+    """IVF lists of the ``ivf`` type for ``n`` vectors: ~4 sqrt(n), at least 39 points per list."""
+    return max(1, min(n // IVF_MIN_POINTS, int(IVF_LISTS_PER_SQRT_N * np.sqrt(n))))
+
+
+def factory_string(index_type: str, n: int) -> str:
+    """The FAISS factory string of ``index_type`` (a name of :data:`FACTORY` or a factory string)."""
+    if not isinstance(index_type, str) or not index_type.strip():
+        raise ConfigError(f"index type must be one of {', '.join(INDEX_TYPES)} or a FAISS factory string, "
+                          f"got {index_type!r}")
+    return FACTORY[index_type].format(lists=ivf_lists(n)) if index_type in FACTORY else index_type
+
+
+def check_index_type(index_type: str, dim: int = 8) -> None:
+    """ConfigError (one line) unless ``index_type`` names an inner-product FAISS index."""
+    import faiss
+
+    try:
+        faiss.index_factory(dim, factory_string(index_type, 10_000), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ConfigError(f"index type {index_type!r}: not one of {', '.join(INDEX_TYPES)} nor a FAISS factory "
+                          f"string FAISS accepts ({_reason(exc)})") from None
+
+
+def make_faiss(vectors: np.ndarray, index_type: str, seed: int = 0):
+    """An inner-product FAISS index of ``vectors (n, D)`` float32 (a memmap is read in blocks)."""
+    import faiss
+
+    n, dim = vectors.shape
+    check_index_type(index_type, dim)
+    index = faiss.index_factory(dim, factory_string(index_type, n), faiss.METRIC_INNER_PRODUCT)
+    hnsw = _hnsw(index)
+    if hnsw is not None:
+        hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    if not index.is_trained:
+        ivf = _ivf(index)
+        lists = ivf.nlist if ivf is not None else max(1, n // IVF_SAMPLE_POINTS)
+        sample = vectors
+        if n > IVF_SAMPLE_POINTS * lists:
+            rows = np.random.default_rng(seed).choice(n, IVF_SAMPLE_POINTS * lists, replace=False)
+            sample = vectors[np.sort(rows)]
+        try:
+            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        except RuntimeError as exc:
+            raise ConfigError(f"index type {index_type!r}: FAISS cannot train it on {len(sample):,} vectors "
+                              f"({_reason(exc)}); choose a smaller index or a larger gallery") from None
+    for lo in range(0, n, ADD_BLOCK):
+        index.add(np.ascontiguousarray(vectors[lo:lo + ADD_BLOCK], dtype=np.float32))
+    return index
+
+
+def _reason(exc: Exception) -> str:
+    """The message of a FAISS error without its C++ location (``Error in ... at file:line: ...``)."""
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return text.rsplit(": Error: ", 1)[-1].rsplit(": ", 1)[-1] if " at /" in text else text
+
+
+def _hnsw(index):
+    import faiss
+
+    index = faiss.downcast_index(index)
+    return index if isinstance(index, faiss.IndexHNSW) else None
+
+
+def _ivf(index):
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:                    # not an IVF index
+        return None
+
+
+def search_parameters(index, shortlist: int):
+    """Per-call FAISS search parameters for a shortlist of ``shortlist`` items (None: nothing to tune)."""
+    import faiss
+
+    if _hnsw(index) is not None:
+        return faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, 2 * shortlist))
+    ivf = _ivf(index)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(nprobe=min(ivf.nlist, IVF_NPROBE))
+    return None
+
+
+def search(index, queries: np.ndarray, shortlist: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The top ``shortlist`` items of each query ``(Q, D)``: ``(scores (Q, S) float32, ids (Q, S) int64)``,
+    id -1 where an approximate index found fewer."""
+    params = search_parameters(index, shortlist)
+    x = np.ascontiguousarray(queries, dtype=np.float32)
+    return index.search(x, shortlist) if params is None else index.search(x, shortlist, params=params)
+
+
+def write_faiss(path: Path, index) -> None:
+    import faiss
+
+    atomic_write(path, lambda fh: fh.write(faiss.serialize_index(index).tobytes()))
+
+
+def read_faiss(path: Path):
+    import faiss
+
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise DataError(f"{path}: not a readable FAISS index ({str(exc).strip().splitlines()[-1]})") from None
+

@@ -1,0 +1,64 @@
+"""``vsl index``: options and output of :func:`vsl.retrieval.build_index` (one library call)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import INDEX_DTYPES
+from .faiss_index import FACTORY
+from .store import BLOCK_IMAGES
+
+
+DESCRIPTION = """\
+Encode a split (or a folder of .npy region features: a pure image gallery) once into an index folder:
+region embeddings (memory-mapped), shortlist vectors, FAISS indexes and a manifest (written last):
+
+  vsl index --checkpoint SGR_sl.pth.tar --data_path DATA --split test --out index/
+  vsl index --checkpoint SGR_sl.pth.tar --features FEATURES/ --out gallery/ --index_type hnsw
+
+The checkpoint needs a shortlist head (vsl fit-shortlist). An interrupted build resumes when the same
+command runs again; under torchrun each process encodes its own blocks.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS, help="checkpoint with a shortlist head (required)")
+    parser.add_argument("--out", required=True, default=argparse.SUPPRESS, help="index folder (required)")
+    parser.add_argument("--data_path", default=None, help="data folder (default: the checkpoint's)")
+    parser.add_argument("--split", default="test", help="split to index")
+    parser.add_argument("--features", default=None,
+                        help="a folder of N x regions x dim .npy files (or one file) to index instead of a "
+                             "split: a pure image gallery without captions (default: none)")
+    parser.add_argument("--vocab_path", default=None, help="vocabulary folder (default: the checkpoint's)")
+    parser.add_argument("--data_name", default=None, help="dataset name (default: the checkpoint's)")
+    parser.add_argument("--dtype", choices=INDEX_DTYPES, default="float16", help="storage of the embeddings")
+    parser.add_argument("--index_type", default="flat",
+                        help="FAISS index of the shortlist vectors: " + ", ".join(f"{k} ({v})" for k, v in FACTORY.items())
+                             + " -- flat is exact, the others approximate, for large galleries -- or any FAISS "
+                             "factory string, e.g. IVF1024,PQ16")
+    parser.add_argument("--batch_size", type=int, default=128, help="images/captions per encoding batch")
+    parser.add_argument("--block_images", type=int, default=BLOCK_IMAGES,
+                        help="images per resumable block (and per torchrun share unit)")
+    parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..distributed import cleanup, launched_by_torchrun, setup_distributed
+    from .build import build_index
+    from .store import read_manifest
+
+    info = setup_distributed(args.device) if launched_by_torchrun() else None
+    try:
+        out = build_index(args.checkpoint, args.data_path, args.split, args.out, data_name=args.data_name,
+                          vocab_path=args.vocab_path, features=args.features, dtype=args.dtype,
+                          index_type=args.index_type, batch_size=args.batch_size, device=args.device,
+                          progress=not args.quiet, distributed=info, block_images=args.block_images)
+    finally:
+        if info is not None:
+            cleanup()
+    if info is None or info.is_main:
+        m = read_manifest(Path(out))
+        print(f"index {out}: {m['num_images']:,} images, {m['num_captions']:,} captions, {m['index_type']} "
+              f"{m['dtype']}, {m['bytes_per_image']:,.0f} bytes per image")
+    return 0
