@@ -12,7 +12,7 @@ PACKAGE = Path(vsl.__file__).parent
 LIBRARY = ("vsl.config", "vsl.errors", "vsl.fileio", "vsl.logs", "vsl.precision", "vsl.device", "vsl.checkpoint",
            "vsl.losses", "vsl.metrics", "vsl.data", "vsl.models")
 PROGRAMS = ("vsl.train", "vsl.evaluation", "vsl.distributed", "vsl.demo", "vsl.ablate", "vsl.retrieval", "vsl.serve",
-            "vsl.cli")
+            "vsl.extract", "vsl.cli")
 
 
 def module_name(path: Path) -> str:

@@ -437,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description=SERVE_DESCRIPTION, formatter_class=_Formatter)
     add_serve_arguments(p)
     p.set_defaults(handler=run_serve, command_parser=p)
+
+    from . import extract
+    p = sub.add_parser("extract", help="region features of a folder of photos (SCAN layout)",
+                       description=extract.DESCRIPTION, formatter_class=_Formatter)
+    extract.add_arguments(p)
+    p.set_defaults(handler=extract.run, command_parser=p)
     return parser
 
 
