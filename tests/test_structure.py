@@ -10,7 +10,7 @@ import vsl
 PACKAGE = Path(vsl.__file__).parent
 #: The library: what a program builds on. None of it may import a program.
 LIBRARY = ("vsl.config", "vsl.errors", "vsl.fileio", "vsl.logs", "vsl.precision", "vsl.device", "vsl.checkpoint",
-           "vsl.losses", "vsl.metrics", "vsl.data", "vsl.models")
+           "vsl.losses", "vsl.metrics", "vsl.data", "vsl.models", "vsl.vision")
 PROGRAMS = ("vsl.train", "vsl.evaluation", "vsl.distributed", "vsl.demo", "vsl.ablate", "vsl.retrieval", "vsl.serve",
             "vsl.extract", "vsl.cli")
 
