@@ -236,11 +236,13 @@ def extract_images(images: PathLike, weights: PathLike, out: PathLike, data_name
             f.close()
     _barrier(distributed)
     result = ExtractResult(folder, split, 0, seconds=0.0, resumed_images=resumed)
-    if is_main:
-        result = _assemble(stage, folder, split, paths, listing, options, shapes, caption_lines, per_image,
-                           captions_sha, created, images)
-        result.resumed_images, result.seconds = resumed, time.time() - started
-    _barrier(distributed)
+    try:
+        if is_main:
+            result = _assemble(stage, folder, split, paths, listing, options, shapes, caption_lines, per_image,
+                               captions_sha, created, images)
+            result.resumed_images, result.seconds = resumed, time.time() - started
+    finally:
+        _barrier(distributed)            # also when rank 0 raises (nothing readable): the others must not wait
     return result
 
 
