@@ -149,7 +149,7 @@ def load_detector(path: Union[str, Path], device: Union[str, torch.device] = "cp
     check_layout(path, expected_layout(width), state)
     model = Detector(width)
     model.load_state_dict(state, strict=True)
-    model.eval().to(device=torch.device(device), dtype=dtype)
+    model.eval().requires_grad_(False).to(device=torch.device(device), dtype=dtype)
     if fold_batch_norms:
         model.fold_batch_norms()
     return model
