@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,7 @@ def images_done(log: Path, block: int) -> int:
 
 def measure(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    process = None
     try:
         count = max(args.images)
         make_folder(work / "img", count)
@@ -111,7 +113,8 @@ def measure(args) -> dict:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}
         log = work / "data" / "bench_precomp" / ".test_extract" / "blocks-r0.jsonl"
         started = time.time()
-        process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))        # so that `finally` stops the run
         marks = sorted(args.images)
         peak_rss = peak_pss = 0.0
         rows, samples = [], 0
@@ -128,12 +131,15 @@ def measure(args) -> dict:
                 print(f"  {rows[-1]['images']} images after {rows[-1]['seconds']:.0f} s: main peak RSS "
                       f"{peak_rss:.0f} MB, peak PSS with workers {peak_pss:.0f} MB", flush=True)
             time.sleep(args.every)
-        out, err = process.communicate()
+        out, _ = process.communicate()
         if process.returncode != 0:
-            raise SystemExit(f"vsl extract failed ({process.returncode}): {err[-2000:]}")
+            raise SystemExit(f"vsl extract failed ({process.returncode}): {out[-2000:]}")
         return {"rows": rows, "end": {"main_peak_rss_mb": peak_rss, "tree_peak_pss_mb": peak_pss},
                 "seconds": time.time() - started, "samples": samples, "stdout": out.strip()}
     finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 

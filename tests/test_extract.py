@@ -356,3 +356,17 @@ def test_layout_of_the_scikit_image_photos(tmp_path):
     assert len(list((folder / "test_thumbs").iterdir())) == n
     record = json.loads((folder / "test_extract.json").read_text())
     assert record["num_images"] == n and record["failed"] == []
+
+
+@pytest.mark.slow
+def test_memory_benchmark_reports_both_marks(tmp_path, capsys):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_extract_memory")
+    weights = bench.random_weights(tmp_path / "w8.pth", 8)
+    assert load_detector(weights).feature_dim == D8                # the port's key layout, loadable
+    assert bench.main(["--width", "8", "--images", "4,8", "--json", str(tmp_path / "m.json")]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert [r["images"] for r in result["rows"]] == [4, 8]
+    assert all(0 < r["main_peak_rss_mb"] <= result["end"]["main_peak_rss_mb"] for r in result["rows"])
+    assert "wrote 8 images" in result["stdout"] and "main RSS: 8 / 4 images" in capsys.readouterr().out
