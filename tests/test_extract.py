@@ -22,7 +22,6 @@ from test_images import (bomb_png, corrupt_jpeg, encoded, exif_rotated_jpeg, pho
 from vsl.cli import main
 from vsl.data import PrecompDataset, Vocabulary
 from vsl.data.images import read_image
-from vsl.errors import ImageError
 from vsl.extract import extract_images
 from vsl.vision import BoxSelection, load_detector
 
@@ -225,6 +224,9 @@ def test_duplicates_are_named_and_dropped_with_their_captions(tmp_path, capsys):
     assert (folder / "test_failed.txt").read_text() == f"{a}\tduplicate of {a}\n"
     assert (folder / "test_caps.txt").read_text().splitlines() == [f"entry {i // 5} caption {i % 5}" for i in range(10)]
     assert np.load(folder / "test_ims.npy").shape == (2, 36, D8)
+    # Extracted again without captions: the previous run's captions do not stay beside the new rows.
+    assert run_extract(lst, tmp_path / "data", "--workers", "0") == 0
+    assert not (folder / "test_caps.txt").exists() and (folder / "test_ims.npy").is_file()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +280,8 @@ def test_interrupted_run_resumes_at_the_block_where_it_stopped(four_photos, tmp_
     log = (folder / ".test_extract" / "blocks-r0.jsonl").read_text().splitlines()
     assert [json.loads(line)["block"] for line in log[1:]] == [0, 1]
     calls.clear()
-    monkeypatch.setattr(pipeline, "_write_batch", lambda d, s, p, f: calls.append([e for e, _ in p]) or original(d, s, p, f))
+    monkeypatch.setattr(pipeline, "_write_batch",
+                        lambda d, s, p, f: calls.append([e for e, _ in p]) or original(d, s, p, f))
     result = extract_images(root / "img", WEIGHTS, out, "ph_precomp", "test", workers=0, batch_size=1,
                             block_images=1, device="cpu", progress=False)
     assert calls == [[2], [3]] and result.resumed_images == 2 and result.num_images == 4

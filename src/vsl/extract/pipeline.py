@@ -358,9 +358,9 @@ def _write_batch(detector, selection, pending: List[Tuple[int, torch.Tensor]], f
 # ----------------------------------------------------------------------------------------------
 # Assembly (rank 0)
 # ----------------------------------------------------------------------------------------------
-def _assemble(stage: Path, folder: Path, split: str, paths: Dict[str, Path], listing: ImageList, options: Dict[str, Any],
-              shapes, caption_lines: Optional[List[str]], per_image: int, captions_sha: Optional[str],
-              created: bool, source: PathLike) -> ExtractResult:
+def _assemble(stage: Path, folder: Path, split: str, paths: Dict[str, Path], listing: ImageList,
+              options: Dict[str, Any], shapes, caption_lines: Optional[List[str]], per_image: int,
+              captions_sha: Optional[str], created: bool, source: PathLike) -> ExtractResult:
     n = len(listing)
     failures = dict(e for fails in _finished_blocks(stage, options).values() for e in fails)
     keep = np.ones(n, dtype=bool)
@@ -393,6 +393,8 @@ def _assemble(stage: Path, folder: Path, split: str, paths: Dict[str, Path], lis
     if caption_lines is not None:
         kept = [caption_lines[e * per_image + j] for e in rows.tolist() for j in range(per_image)]
         atomic_write_text(paths["caps"], "".join(c + "\n" for c in kept))
+    elif "caps" in _previous_files(paths["record"]):
+        paths["caps"].unlink(missing_ok=True)        # a previous extraction's captions: not these rows'
     _place_features(stage / "ims.npy", paths["ims"], rows, shapes["ims"])
 
     written = ["ims", "boxes", "counts", "sizes", "images", "failed"] + (["caps"] if caption_lines else [])
@@ -403,6 +405,14 @@ def _assemble(stage: Path, folder: Path, split: str, paths: Dict[str, Path], lis
     atomic_write_text(paths["record"], json.dumps(record, indent=2) + "\n")
     shutil.rmtree(stage, ignore_errors=True)
     return ExtractResult(folder, split, int(len(rows)), failed)
+
+
+def _previous_files(record: Path) -> Dict[str, Any]:
+    """The files recorded by the extraction that wrote ``record`` ({} if none)."""
+    try:
+        return dict(json.loads(record.read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _replace_folder(new: Path, target: Path) -> None:
