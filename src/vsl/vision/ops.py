@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
@@ -127,41 +126,80 @@ def roi_pool_bins(rois: torch.Tensor, height: int, width: int, output_size: int,
     return h0, h1, w0, w1
 
 
-def roi_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float) -> torch.Tensor:
-    """RoI max pooling, ``torchvision.ops.roi_pool(features, rois, output_size, spatial_scale)``.
+def roi_pool_tables(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float,
+                    workspace: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RoI max pooling as a table and an index: ``table[index]`` is ``roi_pool``'s output, channels last.
 
-    ``features`` (N, C, H, W); ``rois`` (K, 5) batch index, x1, y1, x2, y2 (input pixels).
-    Returns (K, C, S, S) in channels-last memory (what the res5 head's convolutions want).
+    ``features`` (N, C, H, W); ``rois`` (K, 5) batch index, x1, y1, x2, y2 (input pixels). Returns
+    ``table`` (M + 1, C), whose last row is zeros (the value of an empty bin), and ``index`` (K, S, S)
+    long: bin ``(ph, pw)`` of RoI ``k`` is ``table[index[k, ph, pw]]``.
 
-    Vectorised over RoIs and bins: a bin is a rectangle of ``kh x kw`` cells; for each distinct
-    ``(kh, kw)`` (a handful: bins are at most a few cells) one stride-1 max pool of the whole map
-    gives the max of every such rectangle, and one row gather picks each bin's value. The loop is
-    over those shapes, never over RoIs.
+    A bin is a rectangle of ``kh x kw`` cells, and bins are at most a few cells. The max of every
+    ``kh x 1`` column run is built up one row at a time (``max(run of kh - 1, next row)``), then
+    that of every ``kh x kw`` rectangle one column at a time, all channels-last (C contiguous); the
+    table holds the rectangles of the shapes that occur, so the loops are over those shapes (a
+    handful), never over RoIs. Gathering ``table[index]`` chunk by chunk (as the res5 head does)
+    never materialises all K x S x S x C pooled values at once. ``workspace``: a tensor whose memory
+    the table may occupy if it is large enough (reused from image to image, it saves the page faults
+    of a fresh ~80 MB allocation each time).
     """
     n, c, h, w = features.shape
     k = rois.shape[0]
     s = output_size
-    out = features.new_zeros((k * s * s, c))
-    if k == 0:
-        return out.view(k, s, s, c).permute(0, 3, 1, 2)
-    batch = rois[:, 0].long()
     h0, h1, w0, w1 = roi_pool_bins(rois[:, 1:], h, w, s, spatial_scale)
-    # Per bin (K, S, S): its top-left cell, its height and width in cells.
+    batch = rois[:, 0].long()
     top = h0[:, :, None].expand(k, s, s)
     left = w0[:, None, :].expand(k, s, s)
-    kh = (h1 - h0)[:, :, None].expand(k, s, s).reshape(-1)
-    kw = (w1 - w0)[:, None, :].expand(k, s, s).reshape(-1)
-    top, left = top.reshape(-1), left.reshape(-1)
-    image = batch[:, None].expand(k, s * s).reshape(-1)
+    kh = (h1 - h0)[:, :, None].expand(k, s, s)
+    kw = (w1 - w0)[:, None, :].expand(k, s, s)
+    image = batch[:, None, None].expand(k, s, s)
     nonempty = (kh > 0) & (kw > 0)
-    shape_id = kh * (w + 1) + kw
-    for sid in torch.unique(shape_id[nonempty]).tolist():
-        bh, bw = divmod(sid, w + 1)
-        # (N, C, H - bh + 1, W - bw + 1): the max of every bh x bw rectangle, channels last for the gather.
-        table = F.max_pool2d(features, kernel_size=(bh, bw), stride=1)
-        th, tw = table.shape[-2:]
-        table = table.permute(0, 2, 3, 1).reshape(-1, c)
-        sel = torch.nonzero(shape_id == sid).squeeze(1)
-        rows = (image[sel] * th + top[sel]) * tw + left[sel]
-        out[sel] = table[rows]
-    return out.view(k, s, s, c).permute(0, 3, 1, 2)
+    wanted: dict = {}
+    for sid in torch.unique(kh[nonempty] * (w + 1) + kw[nonempty]).tolist():
+        wanted.setdefault(sid // (w + 1), []).append(sid % (w + 1))
+    # All the wanted rectangle maxima go into one (M + 1, C) table, written in place.
+    sizes = {(bh, bw): n * (h - bh + 1) * (w - bw + 1) for bh in wanted for bw in wanted[bh]}
+    total = sum(sizes.values()) + 1
+    if workspace is not None and workspace.numel() >= total * c and workspace.dtype == features.dtype:
+        table = workspace.view(-1)[:total * c].view(total, c)
+    else:
+        table = features.new_empty((total, c))
+    table[-1] = 0                                                           # the empty bins' value
+    index = torch.full((k, s, s), total - 1, dtype=torch.long, device=features.device)
+    offset = 0
+    nhwc = features.permute(0, 2, 3, 1).contiguous()                       # (N, H, W, C)
+    column = nhwc                                                           # max of bh x 1 runs
+    for bh in range(1, max(wanted, default=0) + 1):
+        if bh > 1:
+            column = torch.maximum(column[:, :-1], nhwc[:, bh - 1:])         # (N, H - bh + 1, W, C)
+        if bh not in wanted:
+            continue
+        rect = column
+        for bw in range(1, max(wanted[bh]) + 1):
+            th, tw = h - bh + 1, w - bw + 1
+            target = None
+            if bw in wanted[bh]:
+                target = table[offset:offset + sizes[bh, bw]].view(n, th, tw, c)
+            if bw > 1 and target is not None:
+                rect = torch.maximum(rect[:, :, :-1], column[:, :, bw - 1:], out=target)
+            elif bw > 1:
+                rect = torch.maximum(rect[:, :, :-1], column[:, :, bw - 1:])      # (N, th, tw, C)
+            elif target is not None:
+                target.copy_(rect)
+            if target is None:
+                continue
+            here = (kh == bh) & (kw == bw)
+            index[here] = offset + (image[here] * th + top[here]) * tw + left[here]
+            offset += sizes[bh, bw]
+    return table, index
+
+
+def roi_pool(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float) -> torch.Tensor:
+    """RoI max pooling, ``torchvision.ops.roi_pool(features, rois, output_size, spatial_scale)``.
+
+    ``features`` (N, C, H, W); ``rois`` (K, 5) batch index, x1, y1, x2, y2 (input pixels).
+    Returns (K, C, S, S) in channels-last memory. See :func:`roi_pool_tables`.
+    """
+    table, index = roi_pool_tables(features, rois, output_size, spatial_scale)
+    k, s = index.shape[0], output_size
+    return table.index_select(0, index.reshape(-1)).view(k, s, s, table.shape[1]).permute(0, 3, 1, 2)
