@@ -37,39 +37,53 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
-        max_keep: Optional[int] = None) -> torch.Tensor:
+        max_keep: Optional[int] = None, block: int = 512) -> torch.Tensor:
     """Greedy NMS: the indices (K,) of the kept boxes in descending score, as ``torchvision.ops.nms``.
 
     ``boxes`` (N, 4), ``scores`` (N,). With ``max_keep`` it stops after that many (the same first
-    ``max_keep`` as ``nms(...)[:max_keep]``). The loop runs once per *kept* box (each step one IoU
-    row against all boxes), so the RPN's 6,000 candidates cost at most 300 vectorised steps.
+    ``max_keep`` as ``nms(...)[:max_keep]``), so the RPN's 6,000 candidates are mostly never looked
+    at. Boxes are taken ``block`` at a time in score order: one IoU matrix against the boxes kept so
+    far and one within the block (vectorised), then the block's sequential greedy pass on those
+    precomputed rows (NumPy booleans, no tensor work per box; on a GPU one copy per block).
     """
     n = boxes.shape[0]
+    device = boxes.device
     if n == 0:
-        return torch.empty(0, dtype=torch.long, device=boxes.device)
+        return torch.empty(0, dtype=torch.long, device=device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    sorted_boxes = boxes[order]
-    areas = box_area(sorted_boxes)
-    alive = torch.ones(n, dtype=torch.bool, device=boxes.device)
+    ranked = boxes[order].float()
     limit = n if max_keep is None else min(int(max_keep), n)
-    keep = []
-    start = 0
-    while len(keep) < limit:
-        # The first box still alive from ``start`` on is the next kept one.
-        rest = alive[start:]
-        if not bool(rest.any()):
+    kept: list = []                                                         # positions in ``ranked``
+    for start in range(0, n, block):
+        part = ranked[start:start + block]
+        if kept:
+            prior = ranked[torch.tensor(kept, device=device)]
+            suppressed = (box_iou(prior, part).double() > iou_threshold).any(dim=0)
+        else:
+            suppressed = torch.zeros(part.shape[0], dtype=torch.bool, device=device)
+        # Row i: the boxes of the block that box i suppresses if it is kept (only later ones matter).
+        over = (box_iou(part, part).double() > iou_threshold).cpu().numpy()
+        alive = ~suppressed.cpu().numpy()
+        for i in range(part.shape[0]):
+            if alive[i]:
+                kept.append(start + i)
+                if len(kept) == limit:
+                    break
+                alive &= ~over[i]
+        if len(kept) == limit:
             break
-        i = start + int(torch.argmax(rest.to(torch.uint8)))
-        keep.append(i)
-        box = sorted_boxes[i]
-        lt = torch.maximum(box[:2], sorted_boxes[i + 1:, :2])
-        rb = torch.minimum(box[2:], sorted_boxes[i + 1:, 2:])
-        wh = (rb - lt).clamp(min=0)
-        inter = wh[:, 0] * wh[:, 1]
-        iou = inter / (areas[i] + areas[i + 1:] - inter)
-        alive[i + 1:] &= ~(iou.double() > iou_threshold)
-        start = i + 1
-    return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
+    return order[torch.tensor(kept, dtype=torch.long, device=device)]
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(..., N) bool -> (..., ceil(N / 64)) int64: bit ``j % 64`` of word ``j // 64`` is ``mask[..., j]``."""
+    n = mask.shape[-1]
+    words = (n + 63) // 64
+    padded = torch.zeros(mask.shape[:-1] + (words * 64,), dtype=torch.long, device=mask.device)
+    padded[..., :n] = mask.long()
+    shifts = torch.arange(64, device=mask.device)
+    # Distinct bits: the sum is their OR (bit 63 wraps to the sign bit, as intended).
+    return (padded.view(mask.shape[:-1] + (words, 64)) << shifts).sum(dim=-1)
 
 
 def nms_per_class(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -77,24 +91,25 @@ def nms_per_class(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: floa
 
     ``boxes`` (N, 4); ``scores`` (N, C). ``kept[:, c]`` marks the boxes that
     ``torchvision.ops.nms(boxes, scores[:, c], iou_threshold)`` keeps. The IoU matrix is computed
-    once (the boxes are shared); the greedy suppression then advances all C classes together, one
-    rank at a time (N steps of (C, N) boolean work), instead of C separate NMS calls.
+    once (the boxes are shared) and bit-packed; the greedy suppression then advances all C classes
+    together, one rank at a time: N steps, each a few operations on (C, N / 64) words, instead of
+    C separate NMS calls (1,600 classes x 300 proposals: ~300 small steps).
     """
     n, c = scores.shape
     device = boxes.device
-    kept = torch.zeros(c, n, dtype=torch.bool, device=device)
     if n == 0:
-        return kept.T
-    over = box_iou(boxes, boxes).double() > iou_threshold                   # (N, N)
-    order = torch.sort(scores.T, dim=1, descending=True, stable=True).indices  # (C, N)
-    suppressed = torch.zeros(c, n, dtype=torch.bool, device=device)
-    classes = torch.arange(c, device=device)
+        return torch.zeros(0, c, dtype=torch.bool, device=device)
+    over = pack_bits(box_iou(boxes, boxes).double() > iou_threshold)         # (N, W) rows of IoU > t
+    ranked = torch.sort(scores.T.contiguous(), dim=1, descending=True, stable=True).indices.T.contiguous()  # (N, C)
+    suppressed = torch.zeros(c, over.shape[1], dtype=torch.long, device=device)
+    alive = torch.empty(n, c, dtype=torch.bool, device=device)             # alive[r, c]: class c's r-th box kept
     for rank in range(n):
-        idx = order[:, rank]                                                # (C,) box at this rank
-        alive = ~suppressed[classes, idx]                                   # (C,)
-        kept[classes, idx] = alive
-        suppressed |= alive[:, None] & over[idx]
-    return kept.T
+        idx = ranked[rank]                                                  # (C,) each class's box at this rank
+        word = suppressed.gather(1, (idx >> 6)[:, None]).squeeze(1)
+        torch.eq((word >> (idx & 63)) & 1, 0, out=alive[rank])
+        suppressed |= over.index_select(0, idx) * alive[rank, :, None]
+    kept = torch.zeros(n, c, dtype=torch.bool, device=device)
+    return kept.scatter_(0, ranked, alive)
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
