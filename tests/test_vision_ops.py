@@ -6,11 +6,11 @@ float32 only where it matters (the IoU, the bin sizes).
 
 Cross-check done by hand (2026-12-03) in a side environment with the CUDA wheels torch 2.13.0 +
 torchvision 0.28.0 run on the CPU: on 60 random NMS problems (up to 400 boxes, real and integer
-coordinates, many tied scores, thresholds 0.3 / 0.5 / 0.7, 3,800 IoUs exactly equal to a float32
-threshold), 60 per-class problems (40 classes) and 120 RoI-pooling problems (2 images, boxes
-outside the map, inverted, on half-cell boundaries; output sizes 14, 7, 5; scales 1/16, 1/2),
-``vsl.vision.ops.nms`` / ``nms_per_class`` / ``roi_pool`` gave exactly torchvision's keep lists and
-bit-identical pooled values (0 differences).
+coordinates, many tied scores, thresholds 0.3 / 0.5 / 0.7, random block sizes 1 ... 600; 2,592 IoUs
+exactly equal to a float32 threshold), 60 per-class problems (40 classes) and 120 RoI-pooling
+problems (2 images, boxes outside the map, inverted, on half-cell boundaries; output sizes 14, 7,
+5; scales 1/16, 1/2), ``vsl.vision.ops.nms`` / ``nms_per_class`` / ``roi_pool`` gave exactly
+torchvision's keep lists and bit-identical pooled values (0 differences).
 """
 import math
 
@@ -95,6 +95,8 @@ def test_nms_equals_the_greedy_reference(seed, threshold):
     expected = reference_nms(boxes, scores, threshold)
     assert nms(boxes, scores, threshold).tolist() == expected
     assert nms(boxes, scores, threshold, max_keep=7).tolist() == expected[:7]
+    assert nms(boxes, scores, threshold, block=16).tolist() == expected               # several blocks
+    assert nms(boxes, scores, threshold, max_keep=20, block=5).tolist() == expected[:20]
 
 
 def test_nms_compares_the_float32_iou_with_the_threshold_as_a_double():
