@@ -10,9 +10,9 @@ import vsl
 PACKAGE = Path(vsl.__file__).parent
 #: The library: what a program builds on. None of it may import a program.
 LIBRARY = ("vsl.config", "vsl.errors", "vsl.fileio", "vsl.logs", "vsl.precision", "vsl.device", "vsl.checkpoint",
-           "vsl.losses", "vsl.metrics", "vsl.data", "vsl.models", "vsl.runtime", "vsl.rerank")
+           "vsl.losses", "vsl.metrics", "vsl.data", "vsl.models", "vsl.runtime", "vsl.rerank", "vsl.vision")
 PROGRAMS = ("vsl.train", "vsl.evaluation", "vsl.distributed", "vsl.demo", "vsl.ablate", "vsl.retrieval", "vsl.serve",
-            "vsl.cli")
+            "vsl.extract", "vsl.cli")
 
 
 def module_name(path: Path) -> str:

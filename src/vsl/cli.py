@@ -26,6 +26,7 @@ COMMANDS: Tuple[Tuple[str, str, str], ...] = (
     ("demo", "vsl.demo.run", "train SGR with and without VSL on the demo data and compare"),
     ("ablate", "vsl.ablate.command", "an ablation study: arms x seeds, means with 95%% intervals, paired tests"),
     ("fit-shortlist", "vsl.retrieval.fit_command", "fit a shortlist head on a frozen checkpoint"),
+    ("extract", "vsl.extract.command", "BUTD region features of a folder of photos (SCAN layout)"),
     ("index", "vsl.retrieval.index_command", "encode a split or a feature folder into a searchable index"),
     ("search", "vsl.retrieval.search_command", "search an index: text -> images or image -> captions"),
     ("serve", "vsl.serve.command", "a search page and JSON API over an index (default: the demo's)"),

@@ -34,3 +34,8 @@ class ConfigError(VSLError):
 
 class FitError(ConfigError):
     """A model's options do not fit the data (vocabulary size, feature dimension, regions per image)."""
+
+
+class ImageError(DataError):
+    """An image file is missing, empty, not an image, truncated or corrupt, too small, or too large
+    to decode safely (a decompression bomb)."""
