@@ -36,13 +36,16 @@ class BoxPredictor(nn.Module):
         self.fc_attr = nn.Linear(channels + embed, hidden)
         self.attr_score = nn.Linear(hidden, num_attributes + 1)
 
-    def forward(self, pooled: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``pooled`` (R, D) -> class scores (R, 1601), box deltas (R, 6400), attribute scores (R, 401)."""
+    def forward(self, pooled: torch.Tensor, box_deltas: bool = True) -> Dict[str, torch.Tensor]:
+        """``pooled`` (R, D) -> class scores (R, 1601), attribute scores (R, 401) and, with ``box_deltas``,
+        box deltas (R, 6400) (four fifths of this layer's work; region features never need them)."""
         scores = self.cls_score(pooled)
-        deltas = self.bbox_pred(pooled)
         embedding = self.cls_embedding(scores.argmax(dim=-1))
         hidden = torch.relu(self.fc_attr(torch.cat([pooled, embedding], dim=-1)))
-        return {"class_scores": scores, "box_deltas": deltas, "attribute_scores": self.attr_score(hidden)}
+        out = {"class_scores": scores, "attribute_scores": self.attr_score(hidden)}
+        if box_deltas:
+            out["box_deltas"] = self.bbox_pred(pooled)
+        return out
 
 
 class RoIHeads(nn.Module):
@@ -53,19 +56,44 @@ class RoIHeads(nn.Module):
         self.res5 = make_stage("res5", spec.STAGE_OUT_PER_WIDTH["res4"] * width, width)
         self.box_predictor = BoxPredictor(spec.STAGE_OUT_PER_WIDTH["res5"] * width)
 
-    def region_features(self, regions: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-        """(R, 16w, 14, 14) pooled res4 regions -> (R, 32w) res5 features averaged over the 14x14 map.
+    def region_features(self, regions: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """(R, 16w, 14, 14) pooled res4 regions -> (R, 32w) res5 features averaged over the 14x14 map."""
+        r, c, h, w = regions.shape
+        table = regions.permute(0, 2, 3, 1).reshape(-1, c)
+        index = torch.arange(r * h * w, device=regions.device).view(r, h, w)
+        return self.pooled_features(table, index, chunk)
 
-        Computed ``chunk`` regions at a time, channels-last; returned in the regions' dtype.
+    def pooled_features(self, table: torch.Tensor, index: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """res5 features (R, 32w) of RoI-pooled regions given as ``table[index]`` (see ``roi_pool_tables``).
+
+        ``table`` (M, 16w); ``index`` (R, 14, 14). Computed ``chunk`` regions at a time (gathered
+        from the table just before use, so they are in cache), channels-last, in the table's dtype.
+        res5's 3x3 convolutions have dilation 2: each region's 14x14 map is gathered as its 2 x 2
+        interleaved 7x7 sub-grids (cells ``(2p + a, 2q + b)``), on which they are plain 3x3
+        convolutions (dilation 1, padding 1: the zero padding falls on the same cells, as 2 divides
+        14); ~1.4x faster on a CPU than the dilated ones and bit-identical in float32 here. The mean
+        over the map is the mean over the sub-grids, so they are never put back together.
         """
-        out = regions.new_empty((regions.shape[0], self.res5[-1].conv3.weight.shape[0]))
-        for start in range(0, regions.shape[0], chunk):
-            x = regions[start:start + chunk].contiguous(memory_format=torch.channels_last)
-            out[start:start + chunk] = self.res5(x).mean(dim=(2, 3))
+        r, h, w = index.shape
+        c = table.shape[1]
+        split = spec.DILATION["res5"]
+        if h % split or w % split:
+            split = 1
+        # (R, 14, 14) -> (R, a, b, 7, 7): sub-grid (a, b) holds the cells (2p + a, 2q + b).
+        grids = index.view(r, h // split, split, w // split, split).permute(0, 2, 4, 1, 3)
+        out = table.new_empty((r, self.res5[-1].conv3.weight.shape[0]))
+        for start in range(0, r, chunk):
+            part = grids[start:start + chunk]
+            n = part.shape[0]
+            x = table.index_select(0, part.reshape(-1)).view(n * split * split, h // split, w // split, c)
+            x = x.permute(0, 3, 1, 2)                                       # channels-last (N', C, 7, 7)
+            for block in self.res5:
+                x = block(x, split)
+            out[start:start + n] = x.mean(dim=(2, 3)).view(n, split * split, -1).mean(dim=1)
         return out
 
-    def forward(self, pooled: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.box_predictor(pooled)
+    def forward(self, pooled: torch.Tensor, box_deltas: bool = True) -> Dict[str, torch.Tensor]:
+        return self.box_predictor(pooled, box_deltas)
 
 
 def class_probabilities(class_scores: torch.Tensor) -> torch.Tensor:

@@ -54,10 +54,10 @@ class ConvNorm(nn.Module):
         """Fold the batch norm into the convolution (weights scaled per output channel, plus a bias)."""
         scale, shift = self.norm.scale_shift()
         dtype = self.weight.dtype
-        self.folded_weight = (self.weight.float() * scale[:, None, None, None]).to(dtype)
+        weight = (self.weight.float() * scale[:, None, None, None]).to(dtype)
+        # Channels-last like the activations, so that oneDNN / cuDNN do not reorder it at every call.
+        self.folded_weight = weight.contiguous(memory_format=torch.channels_last)
         self.folded_bias = shift.to(dtype)
-        if self.weight.is_contiguous(memory_format=torch.channels_last):
-            self.folded_weight = self.folded_weight.contiguous(memory_format=torch.channels_last)
 
     def unfold(self) -> None:
         self.folded_weight = self.folded_bias = None
@@ -68,10 +68,13 @@ class ConvNorm(nn.Module):
             self.fold()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, split: int = 1) -> torch.Tensor:
+        """``split``: ``x`` holds the ``split x split`` interleaved sub-grids of the map as separate images
+        (region ``n``'s sub-grid ``(a, b)`` = cells ``(a::split, b::split)``), on which the dilated convolution is one with dilation / split."""
+        padding, dilation = self.padding // split, self.dilation // split
         if self.folded_weight is not None:
-            return F.conv2d(x, self.folded_weight, self.folded_bias, self.stride, self.padding, self.dilation)
-        return self.norm(F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation))
+            return F.conv2d(x, self.folded_weight, self.folded_bias, self.stride, padding, dilation)
+        return self.norm(F.conv2d(x, self.weight, None, self.stride, padding, dilation))
 
 
 class Bottleneck(nn.Module):
@@ -88,9 +91,11 @@ class Bottleneck(nn.Module):
         self.conv2 = ConvNorm(bottleneck_channels, bottleneck_channels, 3, 1, padding=dilation, dilation=dilation)
         self.conv3 = ConvNorm(bottleneck_channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, split: int = 1) -> torch.Tensor:
+        """``split`` > 1: ``x`` holds the interleaved sub-grids of that factor (which must divide the
+        dilation); every convolution but the 3x3 is pointwise, so only that one changes."""
         out = F.relu_(self.conv1(x))
-        out = F.relu_(self.conv2(out))
+        out = F.relu_(self.conv2(out, split))
         out = self.conv3(out)
         out += self.shortcut(x) if self.shortcut is not None else x
         return F.relu_(out)
