@@ -238,3 +238,23 @@ def test_bfloat16_extracts_float32_regions(bf16_detector):
     (regions,) = bf16_detector.extract([read_photo("camera.png")])
     assert regions.features.dtype == torch.float32 and regions.features.shape == (36, 256)
     assert torch.isfinite(regions.features).all() and regions.boxes.dtype == torch.float32
+
+
+def test_small_and_flat_images_give_well_formed_regions(detector):
+    flat = np.full((40, 33, 3), 128, dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, size=(32, 90, 3), dtype=np.uint8)
+    for regions, image in zip(detector.extract([flat, noisy], BoxSelection.parse("10:100")), (flat, noisy)):
+        n = regions.features.shape[0]
+        assert 0 <= n <= 100 and regions.features.shape == (n, 256) and regions.boxes.shape == (n, 4)
+        assert regions.image_size == image.shape[:2] and regions.object_ids.shape == (n,)
+        h, w = image.shape[:2]
+        # Proposals are clipped to the rounded scaled size and divided by the scale (as generate_tsv.py),
+        # so an edge may pass the original size by under one pixel.
+        assert (regions.boxes >= 0).all()
+        assert (regions.boxes[:, [0, 2]] <= w + 1).all() and (regions.boxes[:, [1, 3]] <= h + 1).all()
+
+
+def test_anchors_stay_float32_in_reduced_precision(bf16_detector):
+    anchors = bf16_detector.proposal_generator.anchor_generator.cell_anchors[0]
+    assert anchors.dtype == torch.float32 and torch.allclose(anchors, cell_anchors(), atol=1e-4)

@@ -14,13 +14,13 @@ Modules: :mod:`.spec` (every architectural number and its source), :mod:`.prepro
 """
 from .detector import Detection, Detector, Regions, expected_layout, load_detector
 from .head import class_probabilities
-from .ops import box_iou, nms, nms_per_class, roi_pool
+from .ops import box_iou, nms, nms_per_class, roi_pool, roi_pool_tables
 from .preprocess import image_scale, preprocess, scaled_size
 from .selection import BoxSelection, max_confidence, select, select_regions
 from .weights import DetectorError
 
 __all__ = [
     "load_detector", "Detector", "Detection", "Regions", "BoxSelection", "DetectorError", "expected_layout",
-    "preprocess", "image_scale", "scaled_size", "box_iou", "nms", "nms_per_class", "roi_pool",
+    "preprocess", "image_scale", "scaled_size", "box_iou", "nms", "nms_per_class", "roi_pool", "roi_pool_tables",
     "class_probabilities", "max_confidence", "select", "select_regions",
 ]

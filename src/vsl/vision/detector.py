@@ -65,7 +65,11 @@ class Detection:
 
 
 class Detector(nn.Module):
-    """ResNet-101 C4 Faster R-CNN of bottom-up attention at stem width ``width`` (64 for the real model)."""
+    """ResNet-101 C4 Faster R-CNN of bottom-up attention at stem width ``width`` (64 for the real model).
+
+    One detector serves one thread at a time: it keeps the RoI-pooling table's memory between
+    images (``_workspace``, ~80 MB at full width) so that each image does not page in a fresh one.
+    """
 
     def __init__(self, width: int = 64) -> None:
         super().__init__()
@@ -160,6 +164,9 @@ def load_detector(path: Union[str, Path], device: Union[str, torch.device] = "cp
     model = Detector(width)
     model.load_state_dict(state, strict=True)
     model.eval().requires_grad_(False).to(device=torch.device(device), dtype=dtype)
+    # The anchors stay float32 in every dtype (bfloat16 would move a 45.25 px anchor corner by 0.005 px).
+    anchors = model.proposal_generator.anchor_generator.cell_anchors[0]
+    anchors.data = state["proposal_generator.anchor_generator.cell_anchors.0"].to(anchors.device, torch.float32)
     if fold_batch_norms:
         model.fold_batch_norms()
     if model.device.type != "cpu":

@@ -175,7 +175,8 @@ def roi_pool_tables(features: torch.Tensor, rois: torch.Tensor, output_size: int
     # All the wanted rectangle maxima go into one (M + 1, C) table, written in place.
     sizes = {(bh, bw): n * (h - bh + 1) * (w - bw + 1) for bh in wanted for bw in wanted[bh]}
     total = sum(sizes.values()) + 1
-    if workspace is not None and workspace.numel() >= total * c and workspace.dtype == features.dtype:
+    if (workspace is not None and workspace.numel() >= total * c and workspace.dtype == features.dtype
+            and workspace.device == features.device):
         table = workspace.view(-1)[:total * c].view(total, c)
     else:
         table = features.new_empty((total, c))
