@@ -51,6 +51,52 @@ function thumbnail(url, label) {
   return box;
 }
 
+// One colour per explained word (distinct on photos and on the demo's flat scenes).
+const WORD_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#0aa5b8", "#f032e6", "#9a6324"];
+const EXPLAINED_REGIONS = 2;   // regions drawn per word: the ones its attention weighs most
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+// The regions each query word attends to (hit.explain: words, boxes, attention, image_size), drawn
+// over the thumbnail: an SVG whose viewBox is the image's pixels, sliced as the <img> is covered.
+function explanation(hit, thumb) {
+  const ex = hit.explain;
+  const [width, height] = ex.image_size;
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("class", "boxes");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("preserveAspectRatio", "xMidYMid slice");
+  const chips = [];
+  let colour = 0;
+  ex.words.forEach((word, w) => {
+    if (STOPWORDS.has(word.toLowerCase()) || !/[\p{L}\p{N}]/u.test(word)) return;
+    const c = WORD_COLOURS[colour++ % WORD_COLOURS.length];
+    const order = ex.attention[w].map((a, r) => [a, r]).sort((x, y) => y[0] - x[0]).slice(0, EXPLAINED_REGIONS);
+    for (const [weight, r] of order) {
+      const [x1, y1, x2, y2] = ex.boxes[r];
+      const rect = document.createElementNS(SVG_NS, "rect");
+      for (const [k, v] of Object.entries({ x: x1, y: y1, width: Math.max(1, x2 - x1), height: Math.max(1, y2 - y1),
+                                            stroke: c, "data-word": w, "vector-effect": "non-scaling-stroke" })) {
+        rect.setAttribute(k, String(v));
+      }
+      const title = document.createElementNS(SVG_NS, "title");
+      title.textContent = `${word}: region ${r}, attention ${weight.toFixed(2)}`;
+      rect.append(title);
+      svg.append(rect);
+    }
+    const focus = (on) => {
+      svg.classList.toggle("focus", on);
+      for (const rect of svg.querySelectorAll(`rect[data-word="${w}"]`)) rect.classList.toggle("on", on);
+    };
+    chips.push(el("span", { class: "word", style: `--c: ${c}`, tabindex: "0", "data-word": w,
+                            title: `the ${EXPLAINED_REGIONS} regions “${word}” attends to most`,
+                            onmouseenter: () => focus(true), onmouseleave: () => focus(false),
+                            onfocus: () => focus(true), onblur: () => focus(false),
+                            onclick: (e) => e.stopPropagation() }, word));
+  });
+  thumb.append(svg);
+  return el("div", { class: "explain", title: "the regions each word of the query attends to in the exact model" }, ...chips);
+}
+
 const fmt = (x) => (typeof x === "number" ? x.toFixed(3) : "–");
 const ms = (s) => (s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`);
 
@@ -91,7 +137,10 @@ function renderImages(body, words) {
       el("span", {}, "score ", el("b", {}, fmt(hit.score))),
       el("span", {}, `shortlist ${fmt(hit.shortlist_score)}`),
       el("span", {}, `image ${hit.id}`));
-    card.append(thumb, el("div", { class: "card-body" }, scores, caps));
+    const body = el("div", { class: "card-body" }, scores);
+    if (hit.explain) body.append(explanation(hit, thumb));
+    body.append(caps);
+    card.append(thumb, body);
     return card;
   }));
 }
@@ -138,6 +187,7 @@ function paramsOf(query) {
   const size = info ? (query.image_id !== undefined ? info.num_captions : info.num_images) : Infinity;
   params.set("k", String(Math.min(Number(els.k.value), size || Infinity)));
   params.set("shortlist", els.shortlist.value);
+  if (query.image_id === undefined && info && info.explain) params.set("explain", "1");
   return params;
 }
 
