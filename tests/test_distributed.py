@@ -194,7 +194,9 @@ def test_first_step_gradients_equal_single_process(two_ranks, single_process, na
         assert grads.keys() == ref_grads.keys()
         for key, ref in ref_grads.items():
             assert ref.abs().max() > 0 or key.endswith("bias"), key
-            torch.testing.assert_close(grads[key], ref, atol=1e-5, rtol=0, msg=lambda m: f"{name} {key}: {m}")
+            # Two ranks sum the batch's gradient in another order than one process: float32 rounding of
+            # order 1e-5 relative to the entry (on this machine's CPU: 1.1e-5 on an entry of 0.48).
+            torch.testing.assert_close(grads[key], ref, atol=1e-5, rtol=5e-5, msg=lambda m: f"{name} {key}: {m}")
 
 
 @pytest.mark.slow
