@@ -42,6 +42,17 @@ def outputs(folder: Path, split: str = "test") -> dict:
     return {k: np.load(folder / f"{split}_{k}.npy") for k in ("ims", "boxes", "counts", "sizes")}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Every extraction here on one torch thread, as the child processes of the resume and torchrun
+    tests run (OMP_NUM_THREADS=1; torchrun's default): the convolutions' sums are bit-identical only
+    at the same thread count, and those tests compare bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def detector():
     assert WEIGHTS.is_file(), f"the test weights {WEIGHTS} are missing (see ../shared/fixtures/butd/README.md)"

@@ -285,7 +285,7 @@ def cocosim(shared_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    from vsl.demo.data import DemoSpec, make_demo_data
+    from vsl.data.demo import DemoSpec, make_demo_data
     return make_demo_data(tmp_path_factory.mktemp("demo"), DemoSpec(seed=0, train_images=1014, dev_images=100,
                                                                      test_images=100))
 
