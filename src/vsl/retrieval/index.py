@@ -190,6 +190,48 @@ class Index:
                                    for r in range(hit_ids.shape[1]) if hit_ids[i, r] >= 0])
                 for i, q in enumerate(queries)]
 
+    # -- explaining a match -------------------------------------------------------------------
+    def _split_file(self, suffix: str) -> Optional[Path]:
+        """``{data_path}/{data_name}/{split}{suffix}`` of the indexed split when it exists (e.g. the
+        ``_boxes.npy`` that ``vsl extract`` writes); None for a pure image gallery or without it."""
+        source = self.manifest.get("options", {})
+        if not all(isinstance(source.get(k), str) for k in ("data_path", "data_name", "split")):
+            return None
+        path = Path(source["data_path"]) / source["data_name"] / f"{source['split']}{suffix}"
+        return path if path.is_file() else None
+
+    @property
+    def can_explain(self) -> bool:
+        """Whether the gallery has region boxes (``{split}_boxes.npy`` and ``_sizes.npy``)."""
+        return self._split_file("_boxes.npy") is not None and self._split_file("_sizes.npy") is not None
+
+    def explain(self, query: str, image_ids: Sequence[int]) -> List[Dict[str, Any]]:
+        """Which regions of each image the words of ``query`` attend to under the exact model.
+
+        Returns one ``{"words", "boxes", "attention", "image_size"}`` per image: the query's words
+        (the tokenizer's, without ``<start>``/``<end>``), the image's region boxes ``(R, 4)`` x1 y1 x2 y2
+        in its own pixels, the ``(words, R)`` attention weights (each row sums to 1) and
+        ``[width, height]``. A DataError when the gallery has no boxes.
+        """
+        from ..data import tokenize
+        from ..models.explain import word_region_attention
+
+        if not self.can_explain:
+            raise DataError(f"{self.path}: the indexed gallery has no region boxes to explain matches with "
+                            f"(its split needs _boxes.npy and _sizes.npy, as vsl extract writes)")
+        ids = np.asarray([self._check_image_id(i) for i in image_ids], dtype=np.int64)
+        words = tokenize(query)
+        tokens, lengths = pad_token_ids([self.vocab.encode(query)] * len(ids))
+        with torch.no_grad():
+            cap = self.model.encode_captions(tokens.to(self.device), lengths)             # (P, L, d)
+            attention = word_region_attention(self._regions(ids), cap, lengths.to(self.device))  # (P, L, R)
+        attention = attention[:, 1:1 + len(words)].float().cpu().numpy()                 # drop <start>, <end>
+        boxes = np.load(self._split_file("_boxes.npy"), mmap_mode="r")
+        sizes = np.load(self._split_file("_sizes.npy"), mmap_mode="r")                   # (N, 2) height, width
+        return [{"words": words, "boxes": np.asarray(boxes[i], dtype=np.float32).round(1).tolist(),
+                 "attention": attention[p].round(4).tolist(), "image_size": [int(sizes[i][1]), int(sizes[i][0])]}
+                for p, i in enumerate(ids.tolist())]
+
     def _regions(self, image_ids: np.ndarray) -> torch.Tensor:
         """Region embeddings of ``image_ids`` (sorted) as float32 ``(len, R, d)`` on the device."""
         return torch.from_numpy(np.asarray(self.regions[image_ids], dtype=np.float32)).to(self.device)

@@ -15,6 +15,7 @@ Bad input is answered with HTTP 4xx and the JSON body ``{"error": "<one line>", 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -111,6 +112,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
     # Captions per image: caption j of an image->text result belongs to image j // per_image.
     per_image = int(getattr(index, "captions_per_image", 0) or 0) or (
         num_captions // num_images if num_images and num_captions % num_images == 0 else 0)
+    explainable = bool(getattr(index, "can_explain", False))
     started = time.time()
     # Example queries for the page's empty state: the first caption of a few spread-out images.
     examples = [index.captions_of_image(i)[:1] for i in range(0, num_images, max(1, num_images // 4))][:4]
@@ -162,7 +164,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
     @app.get("/api/info", summary="the model, checkpoint hash, gallery size and index type")
     async def get_info() -> Dict[str, Any]:
         return {**info, "num_images": num_images, "num_captions": num_captions,
-                "thumbnails": thumbs is not None, "examples": examples,
+                "thumbnails": thumbs is not None, "explain": explainable, "examples": examples,
                 "server": {"workers": workers, "batch_window_ms": batch_window_ms, "max_batch": max_batch,
                            "max_query_chars": MAX_QUERY_CHARS, "batches": batcher.batches,
                            "queries": batcher.queries}}
@@ -175,6 +177,8 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
                                                      f"default {DEFAULT_K} or the gallery size if smaller)"),
         shortlist: int = Query(DEFAULT_SHORTLIST,
                                description="shortlist size re-ranked by the exact model; 0 = exhaustive"),
+        explain: bool = Query(False, description="text -> image: add to each result the regions each query word "
+                                                 "attends to ({words, boxes, attention, image_size})"),
     ) -> JSONResponse:
         t0 = time.perf_counter()
         if (q is None) == (image_id is None):
@@ -193,6 +197,14 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
             body["direction"] = "text_to_image"
             for hit in body["results"]:
                 hit["thumbnail"] = f"/api/thumbnail/{hit['id']}" if thumbs is not None else None
+            if explain:
+                if not explainable:
+                    raise ParameterError("explain", "explain: this gallery has no region boxes to explain "
+                                                    "matches with (index a split written by vsl extract)")
+                ids = [hit["id"] for hit in body["results"]]
+                loop = asyncio.get_running_loop()
+                for hit, why in zip(body["results"], await loop.run_in_executor(executor, index.explain, text, ids)):
+                    hit["explain"] = why
         else:
             if not 0 <= image_id < num_images:
                 raise ParameterError("image_id", f"image_id: no image {image_id} in the gallery "

@@ -64,7 +64,7 @@ function explanation(hit, thumb) {
   const svg = document.createElementNS(SVG_NS, "svg");
   svg.setAttribute("class", "boxes");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  svg.setAttribute("preserveAspectRatio", "xMidYMid slice");
+  svg.setAttribute("preserveAspectRatio", "xMidYMid meet");   // as the <img> is contained
   const chips = [];
   let colour = 0;
   ex.words.forEach((word, w) => {
@@ -267,5 +267,5 @@ for (const control of [els.k, els.shortlist]) {
 }
 els.home.addEventListener("click", (event) => { event.preventDefault(); history.pushState(null, "", "/"); fromLocation(); });
 window.addEventListener("popstate", fromLocation);
-loadInfo();
-fromLocation();
+// The gallery's size and abilities (k is clamped to it; explain only where it has boxes) come first.
+loadInfo().then(fromLocation);
