@@ -116,3 +116,21 @@ def test_photo_cards_and_explanation_boxes_in_headless_chromium(photo_index, tmp
         finally:
             browser.close()
     assert (tmp_path / "photos.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_index_images_extracts_and_indexes_a_photo_gallery_in_one_command(photo_index, tmp_path, capsys):
+    root, _ = photo_index
+    out = tmp_path / "gallery"
+    assert main(["index", "--checkpoint", str(root / "model.pth.tar"), "--images", str(root / "photos"),
+                 "--weights", str(WEIGHTS), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    gallery = Index.load(out)
+    assert gallery.num_images == len(PHOTOS) and gallery.num_captions == 0
+    extracted = np.load(root / "data" / "photos_precomp" / "test_boxes.npy")
+    assert gallery.can_explain and default_thumbnails(gallery) == out / "photos" / "photos_precomp" / "test_thumbs"
+    (why,) = gallery.explain("an orange cat", [0])
+    np.testing.assert_allclose(why["boxes"], extracted[0], atol=0.05)       # the same photos, the same boxes
+    (result,) = gallery.search_text(["an orange cat"], k=4, shortlist=4)
+    assert sorted(hit.id for hit in result.hits) == list(range(len(PHOTOS)))
+    assert main(["index", "--checkpoint", str(root / "model.pth.tar"), "--images", str(root / "photos"),
+                 "--out", str(tmp_path / "x"), "--quiet"]) == 2                  # --weights missing
+    assert "--images and --weights go together" in capsys.readouterr().err

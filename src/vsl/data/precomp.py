@@ -350,3 +350,11 @@ def make_loader(dataset: PrecompDataset, batch_size: int, *, shuffle: bool, seed
     sampler.set_epoch(epoch, start_batch)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=Collate(semantics, textual),
                       num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def companion_path(features: Union[str, os.PathLike], suffix: str) -> Path:
+    """What lies beside a features file ``X_ims.npy`` under ``suffix``: ``X_boxes.npy``, ``X_thumbs`` ...
+    (for a file not named ``*_ims.npy``, its stem plus ``suffix``)."""
+    path = Path(features)
+    stem = path.name[:-len("_ims.npy")] if path.name.endswith("_ims.npy") else path.stem
+    return path.with_name(stem + suffix)

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..data.precomp import companion_path
 from ..errors import CheckpointError, ConfigError, DataError
 from ..rerank import rerank
 from ..runtime import pad_token_ids, padded_words
@@ -191,19 +192,23 @@ class Index:
                 for i, q in enumerate(queries)]
 
     # -- explaining a match -------------------------------------------------------------------
-    def _split_file(self, suffix: str) -> Optional[Path]:
-        """``{data_path}/{data_name}/{split}{suffix}`` of the indexed split when it exists (e.g. the
-        ``_boxes.npy`` that ``vsl extract`` writes); None for a pure image gallery or without it."""
+    def split_path(self, suffix: str) -> Optional[Path]:
+        """A file or folder beside the indexed features, when it exists: ``{split}{suffix}`` in
+        ``{data_path}/{data_name}/`` for a split, or beside a gallery's one feature file ``X_ims.npy``
+        (``X{suffix}``), e.g. the ``_boxes.npy``, ``_sizes.npy`` and ``_thumbs`` of ``vsl extract``."""
         source = self.manifest.get("options", {})
-        if not all(isinstance(source.get(k), str) for k in ("data_path", "data_name", "split")):
+        if all(isinstance(source.get(k), str) for k in ("data_path", "data_name", "split")):
+            path = Path(source["data_path"]) / source["data_name"] / f"{source['split']}{suffix}"
+        elif len(source.get("features") or ()) == 1:
+            path = companion_path(source["features"][0], suffix)
+        else:
             return None
-        path = Path(source["data_path"]) / source["data_name"] / f"{source['split']}{suffix}"
-        return path if path.is_file() else None
+        return path if path.exists() else None
 
     @property
     def can_explain(self) -> bool:
         """Whether the gallery has region boxes (``{split}_boxes.npy`` and ``_sizes.npy``)."""
-        return self._split_file("_boxes.npy") is not None and self._split_file("_sizes.npy") is not None
+        return self.split_path("_boxes.npy") is not None and self.split_path("_sizes.npy") is not None
 
     def explain(self, query: str, image_ids: Sequence[int]) -> List[Dict[str, Any]]:
         """Which regions of each image the words of ``query`` attend to under the exact model.
@@ -226,8 +231,8 @@ class Index:
             cap = self.model.encode_captions(tokens.to(self.device), lengths)             # (P, L, d)
             attention = word_region_attention(self._regions(ids), cap, lengths.to(self.device))  # (P, L, R)
         attention = attention[:, 1:1 + len(words)].float().cpu().numpy()                 # drop <start>, <end>
-        boxes = np.load(self._split_file("_boxes.npy"), mmap_mode="r")
-        sizes = np.load(self._split_file("_sizes.npy"), mmap_mode="r")                   # (N, 2) height, width
+        boxes = np.load(self.split_path("_boxes.npy"), mmap_mode="r")
+        sizes = np.load(self.split_path("_sizes.npy"), mmap_mode="r")                   # (N, 2) height, width
         return [{"words": words, "boxes": np.asarray(boxes[i], dtype=np.float32).round(1).tolist(),
                  "attention": attention[p].round(4).tolist(), "image_size": [int(sizes[i][1]), int(sizes[i][0])]}
                 for p, i in enumerate(ids.tolist())]

@@ -8,6 +8,8 @@ from ..config import INDEX_DTYPES
 from .faiss_index import FACTORY
 from .store import BLOCK_IMAGES
 
+#: Where ``vsl index --images`` keeps the extracted features: ``OUT/photos/photos_precomp/``.
+PHOTOS_DATA, PHOTOS_NAME = "photos", "photos_precomp"
 
 DESCRIPTION = """\
 Encode a split (or a folder of .npy region features: a pure image gallery) once into an index folder:
@@ -15,6 +17,10 @@ region embeddings (memory-mapped), shortlist vectors, FAISS indexes and a manife
 
   vsl index --checkpoint SGR_sl.pth.tar --data_path DATA --split test --out index/
   vsl index --checkpoint SGR_sl.pth.tar --features FEATURES/ --out gallery/ --index_type hnsw
+  vsl index --checkpoint SGR_sl.pth.tar --images PHOTOS/ --weights frcnn-vg-finetuned.bin --out photos/
+
+--images extracts the photos' region features first (as vsl extract does, into OUT/photos/, resumable)
+and indexes them as an image gallery whose page shows the photos and explains its matches.
 
 The checkpoint needs a shortlist head (vsl fit-shortlist). An interrupted build resumes when the same
 command runs again; under torchrun each process encodes its own blocks.
@@ -29,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", default=None,
                         help="a folder of N x regions x dim .npy files (or one file) to index instead of a "
                              "split: a pure image gallery without captions (default: none)")
+    parser.add_argument("--images", default=None,
+                        help="a folder (or list file) of photos to extract with --weights and index as an image "
+                             "gallery (default: none)")
+    parser.add_argument("--weights", default=None,
+                        help="with --images: the BUTD detector's weights (the port's state dict; see vsl extract)")
     parser.add_argument("--vocab_path", default=None, help="vocabulary folder (default: the checkpoint's)")
     parser.add_argument("--data_name", default=None, help="dataset name (default: the checkpoint's)")
     parser.add_argument("--dtype", choices=INDEX_DTYPES, default="float16", help="storage of the embeddings")
@@ -48,10 +59,24 @@ def run(args: argparse.Namespace) -> int:
     from .build import build_index
     from .store import read_manifest
 
+    from ..errors import ConfigError
+
+    if (args.images is None) != (args.weights is None):
+        raise ConfigError("--images and --weights go together (photos to extract, and the detector's weights)")
+    if args.images is not None and args.features is not None:
+        raise ConfigError("give --images (photos) or --features (region features), not both")
     info = setup_distributed(args.device) if launched_by_torchrun() else None
     try:
+        features = args.features
+        if args.images is not None:
+            from ..extract import extract_images, final_paths
+
+            photos = Path(args.out) / PHOTOS_DATA
+            extract_images(args.images, args.weights, photos, PHOTOS_NAME, args.split, device=args.device,
+                           progress=not args.quiet, distributed=info)
+            features = final_paths(photos / PHOTOS_NAME, args.split)["ims"]
         out = build_index(args.checkpoint, args.data_path, args.split, args.out, data_name=args.data_name,
-                          vocab_path=args.vocab_path, features=args.features, dtype=args.dtype,
+                          vocab_path=args.vocab_path, features=features, dtype=args.dtype,
                           index_type=args.index_type, batch_size=args.batch_size, device=args.device,
                           progress=not args.quiet, distributed=info, block_images=args.block_images)
     finally:

@@ -43,15 +43,11 @@ def search_threads(workers: Optional[int] = None) -> int:
 
 
 def default_thumbnails(index) -> Optional[Path]:
-    """The pictures of the indexed split, when its dataset has them (see
-    :func:`vsl.data.demo.split_thumbnails`); None otherwise."""
-    from ..data.demo import split_thumbnails
-
-    source = getattr(index, "manifest", {}).get("options", {})
-    if not all(isinstance(source.get(k), str) for k in ("data_path", "data_name", "split")):
-        return None                              # e.g. a pure image gallery from .npy features
-    folder = split_thumbnails(source["data_path"], source["data_name"], source["split"])
-    return folder if folder.is_dir() else None
+    """The pictures of the indexed images (``{split}_thumbs/``, as ``vsl make-demo-data`` and ``vsl
+    extract`` write them) when they are there; None otherwise."""
+    find = getattr(index, "split_path", None)
+    folder = find("_thumbs") if find is not None else None
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def serve(index: Optional[PathLike] = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
