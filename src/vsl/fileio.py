@@ -5,6 +5,7 @@ one, never a half-written file. Used for checkpoints, vocabularies, logs, result
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -79,3 +80,12 @@ def check_writable(path: PathLike, kind: str = "file") -> Path:
     if not os.access(target, os.W_OK | os.X_OK):
         raise VSLError(f"{path}: cannot write in {target} (permission denied)")
     return path
+
+
+def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read ``chunk`` bytes at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.captions import read_captions
 from ..data.images import THUMBNAIL_SIDE, ImageList, list_images, read_image, thumbnail_png
 from ..errors import ConfigError, DataError, ImageError
-from ..fileio import atomic_write, atomic_write_text, check_writable, temporary_sibling
+from ..fileio import atomic_write, atomic_write_text, check_writable, sha256_file, temporary_sibling
 from ..logs import progress_bar
 from .rows import BlockLog, RowFile
 
@@ -71,13 +71,6 @@ class ExtractResult:
     resumed_images: int = 0
     already_complete: bool = False
 
-
-def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def final_paths(folder: Path, split: str) -> Dict[str, Path]:

@@ -19,7 +19,6 @@ contiguous run of blocks into the shared files.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, sha256_file
 from ..logs import progress_bar
 
 PathLike = Union[str, os.PathLike]
@@ -44,14 +43,6 @@ FILES = {
     "caption_faiss": "captions.faiss", "captions": "captions.txt",
 }
 
-
-def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(path: Path) -> Dict[str, Any]:
