@@ -226,10 +226,12 @@ class Index:
                             f"(its split needs _boxes.npy and _sizes.npy, as vsl extract writes)")
         ids = np.asarray([self._check_image_id(i) for i in image_ids], dtype=np.int64)
         words = tokenize(query)
-        tokens, lengths = pad_token_ids([self.vocab.encode(query)] * len(ids))
+        tokens, lengths = pad_token_ids([self.vocab.encode(query)])
         with torch.no_grad():
-            cap = self.model.encode_captions(tokens.to(self.device), lengths)             # (P, L, d)
-            attention = word_region_attention(self._regions(ids), cap, lengths.to(self.device))  # (P, L, R)
+            cap = self.model.encode_captions(tokens.to(self.device), lengths)             # (1, L, d): once
+            P = len(ids)
+            attention = word_region_attention(self._regions(ids), cap.expand(P, -1, -1),
+                                              lengths.expand(P).to(self.device))              # (P, L, R)
         attention = attention[:, 1:1 + len(words)].float().cpu().numpy()                 # drop <start>, <end>
         boxes = np.load(self.split_path("_boxes.npy"), mmap_mode="r")
         sizes = np.load(self.split_path("_sizes.npy"), mmap_mode="r")                   # (N, 2) height, width
