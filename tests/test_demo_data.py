@@ -8,6 +8,7 @@ import pytest
 from vsl.data.vocab import Vocabulary, tokenize
 from vsl.data import demo as dd
 from vsl.data.demo import DemoSpec, demo_data_ready, make_demo_data, sample_split
+from vsl.data.demo import scene_boxes
 from vsl.errors import ConfigError, DataError
 
 SPEC = DemoSpec(seed=3, train_images=800, dev_images=40, test_images=200, img_dim=48)
@@ -229,7 +230,8 @@ def _digest(folder):
 
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):           # features, captions and vocabulary; not thumbnails
-        if p.is_file() and p.name != dd.MANIFEST and not any(part.endswith("_thumbs") for part in p.parts):
+        if p.is_file() and p.name != dd.MANIFEST and not any(part.endswith("_thumbs") for part in p.parts) \
+                and not p.name.endswith(("_boxes.npy", "_sizes.npy")):      # the region boxes came later
             h.update(str(p.relative_to(folder)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -311,3 +313,82 @@ def test_thumbnails_are_optional_and_part_of_the_cache_key(tmp_path):
     make_demo_data(tmp_path, TINY)
     assert (dd.thumbnails_dir(tmp_path, "dev") / "3.png").is_file()
     assert not list(tmp_path.rglob("*.tmp")), "temporary folders left behind"
+
+
+# --- region boxes -------------------------------------------------------------------------------
+def test_every_region_gets_the_drawn_box_of_the_object_it_shows(demo):
+    from PIL import Image
+
+    from vsl.data.thumbnails import PALETTE, SIZE, scene_layout
+
+    out, _ = demo
+    folder = out / "data" / "demo_precomp"
+    W, H = SIZE
+    for split in dd.DEMO_SPLITS:
+        scenes = dd.sample_scenes(SPEC, split)
+        boxes, sizes = np.load(folder / f"{split}_boxes.npy"), np.load(folder / f"{split}_sizes.npy")
+        n = SPEC.images(split)
+        assert boxes.shape == (n, 36, 4) and boxes.dtype == np.float32
+        assert sizes.shape == (n, 2) and (sizes == [H, W]).all()                     # height, width
+        assert (boxes[..., 0] >= 0).all() and (boxes[..., 2] <= W).all() and (boxes[..., 3] <= H).all()
+        assert (boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all()
+        assert np.array_equal(boxes, scene_boxes(scenes))
+    scenes = dd.sample_scenes(SPEC, "test")
+    boxes = np.load(folder / "test_boxes.npy")
+    for i in range(12):                                   # each slot's regions: that slot's drawn box
+        layout = scene_layout(dd.RELATIONS[scenes.relation[i]][0])
+        owner = scenes.region_owner[i]
+        expect = {dd.SUBJECT: layout.subject, dd.PARTNER: layout.partner, dd.BACKGROUND: (0, 0, W, H),
+                  **{dd.SECONDARY0 + j: layout.secondary[j] for j in range(dd.MAX_SECONDARY)}}
+        for slot, box in expect.items():
+            assert np.allclose(boxes[i][owner == slot], box, atol=1e-4), (i, slot)
+        union = boxes[i][owner == dd.RELATION]           # the relation's regions: the union of both objects
+        assert np.allclose(union, [min(layout.subject[0], layout.partner[0]), min(layout.subject[1], layout.partner[1]),
+                                   max(layout.subject[2], layout.partner[2]), max(layout.subject[3], layout.partner[3])],
+                           atol=1e-4)
+        # On the picture, each secondary object's colour is denser inside its box than outside it.
+        img = np.asarray(Image.open(dd.thumbnails_dir(out, "test") / f"{i}.png").convert("RGB")).astype(int)
+        for j in range(dd.MAX_SECONDARY):
+            if scenes.classes[i, 2 + j] < 0:
+                continue
+            x1, y1, x2, y2 = (int(round(v)) for v in layout.secondary[j])
+            colour = np.array(PALETTE[dd.COLORS[scenes.colors[i, 2 + j]]])
+            match = np.abs(img - colour).sum(-1) < 30                   # (H, W) pixels of its colour
+            inside = np.zeros_like(match)
+            inside[y1:y2, x1:x2] = True
+            assert match[inside].mean() > 0.04 and match[inside].mean() > 2 * match[~inside].mean(), (i, j)
+
+
+def test_boxes_are_written_without_thumbnails_too(tmp_path):
+    make_demo_data(tmp_path, TINY, thumbnails=False)
+    folder = tmp_path / "data" / "demo_precomp"
+    for split in dd.DEMO_SPLITS:
+        assert np.load(folder / f"{split}_boxes.npy").shape == (TINY.images(split), 36, 4)
+    (folder / "dev_boxes.npy").unlink()                  # part of the dataset: a missing one regenerates it
+    assert not demo_data_ready(tmp_path, TINY)
+
+
+def test_an_index_of_the_demo_data_explains_its_matches_with_the_drawn_boxes(tmp_path):
+    import torch
+
+    from vsl.checkpoint import save_checkpoint
+    from vsl.cli import main
+    from vsl.config import Config
+    from vsl.models import build_model
+    from vsl.retrieval import Index
+
+    info = make_demo_data(tmp_path / "demo", TINY, thumbnails=False)
+    torch.manual_seed(0)
+    config = Config(data_name=info["data_name"], data_path=info["data_path"], vocab_path=info["vocab_path"],
+                    vocab_size=info["vocab_size"], img_dim=TINY.img_dim, word_dim=16, embed_size=32, sim_dim=16,
+                    shortlist_dim=16)
+    save_checkpoint(tmp_path / "model.pth.tar", build_model(config))
+    assert main(["index", "--checkpoint", str(tmp_path / "model.pth.tar"), "--data_path", info["data_path"],
+                 "--split", "test", "--out", str(tmp_path / "index"), "--device", "cpu", "--quiet"]) == 0
+    index = Index.load(tmp_path / "index")
+    assert index.can_explain
+    first, second = index.explain("a red dog on a bench", [3, 0])
+    boxes = scene_boxes(dd.sample_scenes(TINY, "test"))
+    assert np.allclose(first["boxes"], boxes[3], atol=0.05) and np.allclose(second["boxes"], boxes[0], atol=0.05)
+    assert first["image_size"] == [192, 144] and first["words"] == ["a", "red", "dog", "on", "a", "bench"]
+    assert np.allclose(np.asarray(first["attention"]).sum(1), 1, atol=1e-3)

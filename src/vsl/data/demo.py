@@ -20,6 +20,10 @@ Layout written under ``out_dir`` (exactly what the SCAN/SGRAF data loaders read)
 
     data/demo_precomp/{train,dev,test}_ims.npy    float32, N x num_regions x img_dim
     data/demo_precomp/{train,dev,test}_caps.txt   5N lines; lines 5i..5i+4 describe image i
+    data/demo_precomp/{train,dev,test}_boxes.npy  float32, N x num_regions x 4: each region's box (x1 y1 x2 y2)
+                                                  on the scene's picture, that of the object it shows
+                                                  (:func:`scene_boxes`; also without thumbnails)
+    data/demo_precomp/{train,dev,test}_sizes.npy  int64, N x 2: the picture's height, width (as vsl extract)
     data/demo_precomp/{train,dev,test}_thumbs/    {i}.png: a schematic picture of image i's scene
                                                   (:mod:`.thumbnails`; for ``vsl serve``'s page)
     vocab/demo_precomp_vocab.json                 word2idx / idx2word / idx (published format)
@@ -41,17 +45,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from ..fileio import atomic_write_text, temporary_sibling
+from ..fileio import atomic_write, atomic_write_text, temporary_sibling
 from .precomp import SPLITS
 from .vocab import SPECIAL_TOKENS, Vocabulary
-from .thumbnails import SceneObject, draw_scene, png_bytes
+from .thumbnails import LAYOUT_PARTS, SIZE, SceneObject, draw_scene, layout_table, write_pictures
 
 DATA_NAME = "demo_precomp"
 DEMO_SPLITS = SPLITS[:3]      # train, dev, test; an index here seeds its split's streams
 CAPTIONS_PER_IMAGE = 5
 MANIFEST = "demo_manifest.json"
 #: Bump when the generator changes so that cached datasets are regenerated.
-VERSION = 2                  # 2: thumbnails
+VERSION = 3                  # 2: thumbnails; 3: region boxes
 #: Images per feature chunk. Each chunk has its own random stream, so features do not depend on
 #: how they are written (whole split in memory or streamed with a progress bar).
 CHUNK = 512
@@ -102,6 +106,8 @@ COLOR_SCALE = 0.6
 # Entity slots of a scene, in this order; region_owner and caption mentions use these indices.
 SUBJECT, PARTNER, RELATION, SECONDARY0, BACKGROUND = 0, 1, 2, 3, 3 + MAX_SECONDARY
 NUM_ENTITIES = BACKGROUND + 1
+#: The part of a scene's picture that each slot's regions show (:data:`.thumbnails.LAYOUT_PARTS`).
+SLOT_PARTS = ("subject", "partner", "union", *(f"secondary{j}" for j in range(MAX_SECONDARY)), "picture")
 
 # Families of look-alike classes and colours (indices into CLASSES / COLORS): at difficulty
 # "hard" the prototypes of a family share a common component, so a noisy region of a dog looks
@@ -457,7 +463,7 @@ def demo_vocabulary() -> Vocabulary:
 def _paths(out_dir: Path) -> Dict[str, Path]:
     data = out_dir / "data" / DATA_NAME
     files = {f"{s}_{kind}": data / f"{s}_{kind}.{ext}" for s in DEMO_SPLITS
-             for kind, ext in (("ims", "npy"), ("caps", "txt"))}
+             for kind, ext in (("ims", "npy"), ("caps", "txt"), ("boxes", "npy"), ("sizes", "npy"))}
     files["vocab"] = out_dir / "vocab" / f"{DATA_NAME}_vocab.json"
     return files
 
@@ -484,27 +490,21 @@ def draw_thumbnail(scenes: Scenes, i: int):
 
 
 def write_thumbnails(folder: Path, scenes: Scenes, bar: Optional[tqdm] = None) -> int:
-    """Write ``{i}.png`` for every image of ``scenes`` to ``folder``, replacing it as a whole (drawn
-    in a temporary sibling folder, then renamed); ``bar`` advances once per :data:`CHUNK` images.
-    Returns the number of pictures."""
-    import shutil
-    import uuid
+    """Write ``{i}.png`` for every image of ``scenes`` to ``folder`` (replaced as a whole); ``bar``
+    advances once per :data:`CHUNK` images. Returns the number of pictures."""
+    return write_pictures(folder, len(scenes.scene), lambda i: draw_thumbnail(scenes, i), CHUNK, bar)
 
-    n = len(scenes.scene)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.mkdir(parents=True)                     # ordinary folder permissions (umask)
-        for i in range(n):                          # one picture per image: drawing has no batched form
-            (tmp / f"{i}.png").write_bytes(png_bytes(draw_thumbnail(scenes, i)))
-            if bar is not None and ((i + 1) % CHUNK == 0 or i + 1 == n):
-                bar.update(1)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return n
+
+def scene_boxes(scenes: Scenes, size: Tuple[int, int] = SIZE) -> np.ndarray:
+    """The box of every region on its scene's picture: ``(N, num_regions, 4)`` float32 x1 y1 x2 y2.
+
+    A region shows one entity (``region_owner``): an object's regions get its drawn box, the
+    relation's the union of the two main objects' boxes, the background's the whole picture
+    (:data:`SLOT_PARTS`); the layout depends on the relation only, so this is one table lookup.
+    """
+    table = layout_table([phrases[0] for phrases in RELATIONS], size)                   # (relations, parts, 4)
+    table = table[:, [LAYOUT_PARTS.index(part) for part in SLOT_PARTS]]                # (relations, slots, 4)
+    return table[scenes.relation[:, None], scenes.region_owner]
 
 
 def _result(out_dir: Path, spec: DemoSpec) -> Dict[str, object]:
@@ -568,6 +568,10 @@ def make_demo_data(out_dir: Union[str, os.PathLike], spec: Optional[DemoSpec] = 
             scenes = sample_scenes(spec, split)
             if thumbnails:
                 drawn[split] = write_thumbnails(thumbnails_dir(out_dir, split), scenes, bar)
+            boxes = scene_boxes(scenes)
+            sizes = np.tile(np.array([[SIZE[1], SIZE[0]]], dtype=np.int64), (len(boxes), 1))   # height, width
+            atomic_write(paths[f"{split}_boxes"], lambda fh: np.save(fh, boxes))
+            atomic_write(paths[f"{split}_sizes"], lambda fh: np.save(fh, sizes))
             atomic_write_text(paths[f"{split}_caps"],
                                "\n".join(write_captions(spec, split, scenes).captions) + "\n")
             target = paths[f"{split}_ims"]

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -119,21 +125,30 @@ def _label(img: Image.Image, text: str, center: Tuple[float, float], size: int) 
     img.paste(label, (int(center[0] - label.width / 2), int(center[1] - label.height / 2)), label)
 
 
-def draw_scene(subject: SceneObject, partner: SceneObject, relation: str, background: str,
-               secondary: Sequence[SceneObject] = (), size: Tuple[int, int] = SIZE) -> Image.Image:
-    """The schematic picture of one scene (an RGB image of ``size``).
+Box = Tuple[float, float, float, float]
 
-    ``relation`` is the canonical phrase ("on", "next to", "under", "behind", "in front of") and
-    ``background`` the scene's noun ("park", "street", ...).
+
+@dataclass(frozen=True)
+class SceneLayout:
+    """Where a scene's objects are drawn, as boxes ``(x1, y1, x2, y2)`` in the picture's pixels.
+
+    ``order`` lists the two main objects ("subject", "partner") in drawing order (back to front);
+    ``secondary`` holds the boxes of the up to three small objects, in the order they are given.
     """
-    W, H = size
-    sky, ground = BACKGROUNDS.get(background, ((230, 230, 230), (200, 200, 200)))
-    img = Image.new("RGB", size, sky)
-    draw = ImageDraw.Draw(img)
-    gy = HORIZON * H
-    draw.rectangle((0, gy, W, H), fill=ground)
 
-    def box(cx: float, bottom: float, w: float, h: float) -> Tuple[float, float, float, float]:
+    subject: Box
+    partner: Box
+    order: Tuple[str, str]
+    secondary: Tuple[Box, ...]
+
+
+def scene_layout(relation: str, size: Tuple[int, int] = SIZE) -> SceneLayout:
+    """The layout of a scene with ``relation`` ("on", "next to", "under", "behind", "in front of"):
+    it depends on the relation and the picture's size only, so it is known without drawing."""
+    W, H = size
+    gy = HORIZON * H
+
+    def box(cx: float, bottom: float, w: float, h: float) -> Box:
         return (cx - w / 2, bottom - h, cx + w / 2, bottom)
 
     sw, sh = 0.30 * W, 0.34 * H     # subject
@@ -142,31 +157,65 @@ def draw_scene(subject: SceneObject, partner: SceneObject, relation: str, backgr
     if relation == "on":
         p = box(0.5 * W, floor, pw, ph)
         s = box(0.5 * W, p[1] + 0.05 * ph, sw * 0.9, sh * 0.9)
-        order = ((partner, p), (subject, s))
+        order = ("partner", "subject")
     elif relation == "under":
         s = box(0.5 * W, floor, sw, sh)
         p = box(0.5 * W, s[1] - 2, pw * 1.2, ph * 0.9)
-        order = ((partner, p), (subject, s))
+        order = ("partner", "subject")
     elif relation == "behind":
         p = box(0.45 * W, floor, pw, ph)
         s = box(0.62 * W, floor - 0.16 * H, sw * 0.8, sh * 0.8)
-        order = ((subject, s), (partner, p))
+        order = ("subject", "partner")
     elif relation == "in front of":
         p = box(0.62 * W, floor - 0.16 * H, pw * 0.8, ph * 0.8)
         s = box(0.45 * W, floor, sw, sh)
-        order = ((partner, p), (subject, s))
+        order = ("partner", "subject")
     else:                                   # next to
         s = box(0.3 * W, floor, sw, sh)
         p = box(0.7 * W, floor, pw, ph)
-        order = ((subject, s), (partner, p))
-
+        order = ("subject", "partner")
     slots = ((0.1 * W, gy + 0.12 * H), (0.9 * W, gy + 0.12 * H), (0.88 * W, 0.3 * H))
+    secondary = tuple(box(cx, bottom, 0.15 * W, 0.15 * H) for cx, bottom in slots)
+    return SceneLayout(subject=s, partner=p, order=order, secondary=secondary)
+
+
+#: The parts of a scene's picture that :func:`layout_table` gives a box: the two main objects, their
+#: union (a relationship's "union box"), the three secondary slots and the whole picture.
+LAYOUT_PARTS = ("subject", "partner", "union", "secondary0", "secondary1", "secondary2", "picture")
+
+
+def layout_table(relations: Sequence[str], size: Tuple[int, int] = SIZE) -> np.ndarray:
+    """The box of every part of :data:`LAYOUT_PARTS` for each relation: ``(len(relations), 7, 4)``
+    float32 x1 y1 x2 y2 (a lookup table: the layout does not depend on anything else)."""
+    W, H = size
+    table = np.empty((len(relations), len(LAYOUT_PARTS), 4), dtype=np.float32)
+    for r, relation in enumerate(relations):
+        layout = scene_layout(relation, size)
+        s, p = np.array(layout.subject), np.array(layout.partner)
+        union = np.concatenate([np.minimum(s, p)[:2], np.maximum(s, p)[2:]])
+        table[r] = np.stack([s, p, union, *map(np.array, layout.secondary), np.array([0, 0, W, H])])
+    return table
+
+
+def draw_scene(subject: SceneObject, partner: SceneObject, relation: str, background: str,
+               secondary: Sequence[SceneObject] = (), size: Tuple[int, int] = SIZE) -> Image.Image:
+    """The schematic picture of one scene (an RGB image of ``size``), drawn as :func:`scene_layout` says.
+
+    ``relation`` is the canonical phrase ("on", "next to", "under", "behind", "in front of") and
+    ``background`` the scene's noun ("park", "street", ...).
+    """
+    W, H = size
+    sky, ground = BACKGROUNDS.get(background, ((230, 230, 230), (200, 200, 200)))
+    img = Image.new("RGB", size, sky)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, HORIZON * H, W, H), fill=ground)
+    layout = scene_layout(relation, size)
+    main = {"subject": (subject, layout.subject), "partner": (partner, layout.partner)}
     labels = []
-    for obj, (cx, bottom) in zip(secondary, slots):
-        b = box(cx, bottom, 0.15 * W, 0.15 * H)
+    for obj, b in zip(secondary, layout.secondary):
         _shape(draw, SHAPES.get(obj.noun, "box"), b, PALETTE.get(obj.color, (128, 128, 128)))
         labels.append((obj.noun, ((b[0] + b[2]) / 2, b[3] + 6), 9))
-    for obj, b in order:
+    for obj, b in (main[name] for name in layout.order):
         _shape(draw, SHAPES.get(obj.noun, "box"), b, PALETTE.get(obj.color, (128, 128, 128)))
         labels.append((obj.noun, ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2), 11))
     for text, center, fs in labels:
@@ -179,3 +228,23 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.quantize(colors=64, method=Image.Quantize.FASTOCTREE).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+def write_pictures(folder: Path, n: int, draw: Callable[[int], Image.Image], every: int = 1,
+                   bar=None) -> int:
+    """Write ``draw(i)`` as ``{i}.png`` for ``i < n`` into ``folder``, replacing it as a whole (drawn in
+    a temporary sibling folder, then renamed); ``bar`` advances once per ``every`` pictures. Returns ``n``."""
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.mkdir(parents=True)                     # ordinary folder permissions (umask)
+        for i in range(n):                          # one picture per image: drawing has no batched form
+            (tmp / f"{i}.png").write_bytes(png_bytes(draw(i)))
+            if bar is not None and ((i + 1) % every == 0 or i + 1 == n):
+                bar.update(1)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return n
