@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import BENCHMARKS, load_benchmark
@@ -187,3 +188,29 @@ def test_bench_retrieval_fit_cost_smoke(capsys):
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
     assert [r[0] for r in rows[1:]] == ["0 (linear)", "32"] and float(rows[1][2]) == 1.0
     assert "26 steps" in out                                      # ceil(100 / 8) x 2 epochs
+
+
+def test_demo_explain_benchmark_counts_the_captions_that_name_each_object(tmp_path, monkeypatch):
+    """bench_demo_explain on a tiny demo set with an untrained model: its pairs are the captions that
+    name the object (counted here word by word), its chance the object's share of regions."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_demo_explain
+
+    from vsl.checkpoint import save_checkpoint
+    from vsl.data import demo as dd
+    from vsl.data.vocab import tokenize
+
+    spec = dd.DemoSpec(seed=2, train_images=20, dev_images=10, test_images=30, img_dim=16)
+    info = dd.make_demo_data(tmp_path / "demo", spec, thumbnails=False)
+    config = Config(data_name=info["data_name"], data_path=info["data_path"], vocab_path=info["vocab_path"],
+                    vocab_size=info["vocab_size"], img_dim=16, word_dim=8, embed_size=16, sim_dim=8)
+    save_checkpoint(tmp_path / "model.pth.tar", build_model(config))
+    rows = bench_demo_explain.main(["--checkpoint", str(tmp_path / "model.pth.tar"), "--data", str(tmp_path / "demo")])
+    split, scenes = dd.sample_split(spec, "test"), dd.sample_scenes(spec, "test")
+    for row in rows:
+        slot = dd.SUBJECT if row["entity"] == "subject" else dd.PARTNER
+        named = [i for i, c in enumerate(split.captions) if set(tokenize(c)) & set(dd.CLASSES[scenes.classes[i // 5, slot]])]
+        assert row["pairs"] == len(named) > 0
+        assert row["chance"] == pytest.approx(np.mean([(scenes.region_owner[i // 5] == slot).mean() for i in named]))
+        assert 0 <= row["top1"] <= row["top2"] <= 1
+    assert {r["model"] for r in rows} == {"trained", "untrained (baseline)"}
