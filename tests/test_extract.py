@@ -384,3 +384,51 @@ def test_memory_benchmark_reports_both_marks(tmp_path, capsys):
     assert [r["images"] for r in result["rows"]] == [4, 8]
     assert all(0 < r["main_peak_rss_mb"] <= result["end"]["main_peak_rss_mb"] for r in result["rows"])
     assert "wrote 8 images" in result["stdout"] and "main RSS: 8 / 4 images" in capsys.readouterr().out
+
+
+# --- --fetch: the weights by their Hub name, only when asked ------------------------------------
+def _extract_named(tmp_path, name, *extra):
+    copy_photos(tmp_path / "img", PHOTOS[:1])
+    return main(["extract", "--images", str(tmp_path / "img"), "--weights", name, "--out", str(tmp_path / "data"),
+                 "--data_name", "ph_precomp", "--device", "cpu", "--quiet", "--workers", "0", *extra])
+
+
+def test_fetch_downloads_the_hub_file_through_huggingface_hub_only_when_asked(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    from vsl.vision.weights import HUB_FILE, HUB_REPO
+
+    calls = []
+    hub = types.ModuleType("huggingface_hub")
+    hub.hf_hub_download = lambda repo_id, filename: calls.append((repo_id, filename)) or str(WEIGHTS)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    assert _extract_named(tmp_path, HUB_REPO) == 2                        # not asked: nothing downloads
+    assert calls == [] and "--fetch downloads it" in capsys.readouterr().err
+    assert _extract_named(tmp_path, HUB_REPO, "--fetch") == 0
+    assert calls == [(HUB_REPO, HUB_FILE)]
+    assert (tmp_path / "data" / "ph_precomp" / "test_ims.npy").is_file()
+    assert _extract_named(tmp_path / "local", str(WEIGHTS), "--fetch") == 0 and len(calls) == 1   # a file: as is
+
+
+def test_fetch_without_the_library_or_the_network_is_one_line_naming_what_to_do(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)             # not installed: import fails
+    assert _extract_named(tmp_path, "unc-nlp/frcnn-vg-finetuned", "--fetch") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install huggingface_hub" in err and "resolve/main/pytorch_model.bin" in err
+
+    def offline(repo_id, filename):
+        raise OSError("Connection refused\nmore detail")
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.hf_hub_download = offline
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    assert _extract_named(tmp_path, "unc-nlp/frcnn-vg-finetuned", "--fetch") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Connection refused" in err and "cannot fetch" in err
+    assert _extract_named(tmp_path, "not-a-name", "--fetch") == 2                # neither a file nor owner/name
+    assert "neither a weights file nor a Hub repository name" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "ph_precomp" / "test_ims.npy").exists()

@@ -34,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(required) (default: none)")
     parser.add_argument("--weights", required=True, metavar="PATH",
                         help="the detector's weights: the PyTorch conversion of the BUTD Visual Genome model "
-                             "(unc-nlp/frcnn-vg-finetuned), a local file (required) (default: none)")
+                             "(unc-nlp/frcnn-vg-finetuned), a local file; with --fetch also that Hub name "
+                             "(required) (default: none)")
+    parser.add_argument("--fetch", action="store_true",
+                        help="when --weights is not a file, download it by its Hub name through huggingface_hub "
+                             "(pip install huggingface_hub; needs a network); nothing is downloaded without it")
     parser.add_argument("--out", required=True, metavar="DATA",
                         help="data folder: writes DATA/{data_name}/ (required) (default: none)")
     parser.add_argument("--data_name", required=True,
@@ -59,9 +63,14 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import cleanup, setup_distributed
     from .pipeline import extract_images
 
+    weights = args.weights
+    if args.fetch:
+        from ..vision.weights import fetch_weights
+
+        weights = fetch_weights(args.weights)
     info = setup_distributed(args.device, timeout_s=24 * 3600.0)   # ranks wait for each other at the end
     try:
-        result = extract_images(args.images, args.weights, args.out, args.data_name, args.split,
+        result = extract_images(args.images, weights, args.out, args.data_name, args.split,
                                 captions=args.captions, batch_size=args.batch, device=args.device,
                                 dtype=args.dtype, boxes=args.boxes, workers=args.workers, block_images=args.block,
                                 progress=not args.quiet, distributed=info)

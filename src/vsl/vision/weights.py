@@ -27,6 +27,31 @@ class DetectorError(VSLError):
     """A detector weights file is missing, unreadable, or not the BUTD Faster R-CNN's state dict."""
 
 
+#: Where the published weights live on the Hugging Face Hub: repository and file.
+HUB_REPO, HUB_FILE = "unc-nlp/frcnn-vg-finetuned", "pytorch_model.bin"
+
+
+def fetch_weights(name: str) -> Path:
+    """The local path of the weights ``name``: an existing file as it is, else a Hub repository
+    (``owner/name``, e.g. :data:`HUB_REPO`) whose :data:`HUB_FILE` is downloaded once into the
+    Hub's cache through ``huggingface_hub`` (only when the user asks: ``vsl extract --fetch``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    by_hand = f"or download https://huggingface.co/{HUB_REPO}/resolve/main/{HUB_FILE} and pass its path"
+    if name.count("/") != 1 or not all(name.split("/")):
+        raise DetectorError(f"{name}: neither a weights file nor a Hub repository name like {HUB_REPO} ({by_hand})")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise DetectorError(f"fetching {name} needs huggingface_hub (pip install huggingface_hub), {by_hand}") from None
+    try:
+        return Path(hf_hub_download(repo_id=name, filename=HUB_FILE))
+    except Exception as exc:  # noqa: BLE001 - network, missing repository, cache: one user error
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DetectorError(f"{name}: cannot fetch {HUB_FILE} from the Hub ({reason[:160]}); {by_hand}") from None
+
+
 def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     """The tensors of a weights file, or a one-line :class:`DetectorError` naming the file."""
     path = Path(path)
