@@ -42,7 +42,7 @@ def noun_attention_hits(model, vocab, spec, data_dir: Path, split: str = "test",
         for noun in nouns:
             if noun in vocab:
                 word_class[vocab(noun)] = c
-    image_of = np.arange(len(dataset.captions)) // 5
+    image_of = np.arange(len(dataset.captions)) // dd.CAPTIONS_PER_IMAGE
     token_class = word_class[ids.numpy()]                                              # (5N, L)
     rows = []
     for name, slot in (("subject", dd.SUBJECT), ("partner", dd.PARTNER)):
@@ -67,19 +67,19 @@ def noun_attention_hits(model, vocab, spec, data_dir: Path, split: str = "test",
 
 
 def main(argv=None) -> List[Dict]:
+    import json
+
     from common import markdown_table
 
     from vsl.data.demo import DemoSpec
     from vsl.models import build_model
     from vsl.runtime import load_for_use
-    import json
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a model trained on the demo data (vsl demo's SGR+VSL run)")
     p.add_argument("--data", required=True, help="the demo dataset folder (with demo_manifest.json)")
     p.add_argument("--split", default="test")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = Path(args.data)
     spec = DemoSpec(**json.loads((data / "demo_manifest.json").read_text())["spec"])
     loaded = load_for_use(args.checkpoint, torch.device("cpu"), vocab_path=data / "vocab")

@@ -184,7 +184,8 @@ def extract_images(images: PathLike, weights: PathLike, out: PathLike, data_name
     caption_lines, per_image = check_captions(captions, listing) if captions is not None else (None, 0)
     selection = BoxSelection.parse(str(boxes))
     if not Path(weights).is_file():
-        raise ConfigError(f"--weights {weights}: file not found (expected the detector's .pth state dict; --fetch downloads it by its Hub name)")
+        raise ConfigError(f"--weights {weights}: file not found (expected the detector's .pth state dict; "
+                          "--fetch downloads it by its Hub name)")
     dev = distributed.device if distributed is not None else resolve_device(device)
     detector = load_detector(weights, device=dev, dtype=DTYPES[dtype])
     n, regions, dim = len(listing), _layout(selection), int(detector.feature_dim)

@@ -27,6 +27,12 @@ class DetectorError(VSLError):
     """A detector weights file is missing, unreadable, or not the BUTD Faster R-CNN's state dict."""
 
 
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type's name when empty), for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 #: Where the published weights live on the Hugging Face Hub: repository and file.
 HUB_REPO, HUB_FILE = "unc-nlp/frcnn-vg-finetuned", "pytorch_model.bin"
 
@@ -48,8 +54,7 @@ def fetch_weights(name: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id=name, filename=HUB_FILE))
     except Exception as exc:  # noqa: BLE001 - network, missing repository, cache: one user error
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DetectorError(f"{name}: cannot fetch {HUB_FILE} from the Hub ({reason[:160]}); {by_hand}") from None
+        raise DetectorError(f"{name}: cannot fetch {HUB_FILE} from the Hub ({_first_line(exc)}); {by_hand}") from None
 
 
 def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
@@ -60,8 +65,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DetectorError(f"{path}: not a readable PyTorch weights file ({reason[:160]})") from None
+        raise DetectorError(f"{path}: not a readable PyTorch weights file ({_first_line(exc)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DetectorError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors ({WHAT})")
     return dict(state)
