@@ -104,22 +104,37 @@ def _ivf(index):
         return None
 
 
-def search_parameters(index, shortlist: int):
-    """Per-call FAISS search parameters for a shortlist of ``shortlist`` items (None: nothing to tune)."""
+def search_parameters(index, shortlist: int, selector=None):
+    """Per-call FAISS search parameters for a shortlist of ``shortlist`` items (None: nothing to tune);
+    ``selector`` (a FAISS IDSelector) restricts the search to the ids it accepts."""
     import faiss
 
+    extra = {} if selector is None else {"sel": selector}
     if _hnsw(index) is not None:
-        return faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, 2 * shortlist))
+        return faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, 2 * shortlist), **extra)
     ivf = _ivf(index)
     if ivf is not None:
-        return faiss.SearchParametersIVF(nprobe=min(ivf.nlist, IVF_NPROBE))
-    return None
+        return faiss.SearchParametersIVF(nprobe=min(ivf.nlist, IVF_NPROBE), **extra)
+    return faiss.SearchParameters(**extra) if extra else None
 
 
-def search(index, queries: np.ndarray, shortlist: int) -> Tuple[np.ndarray, np.ndarray]:
+def excluding(ids: np.ndarray):
+    """A FAISS selector of every id except the sorted int64 ``ids`` (None when there are none)."""
+    import faiss
+
+    if len(ids) == 0:
+        return None
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    inner = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))      # copies the ids
+    selector = faiss.IDSelectorNot(inner)
+    selector.inner = inner                   # IDSelectorNot does not own it: keep it alive as long
+    return selector
+
+
+def search(index, queries: np.ndarray, shortlist: int, selector=None) -> Tuple[np.ndarray, np.ndarray]:
     """The top ``shortlist`` items of each query ``(Q, D)``: ``(scores (Q, S) float32, ids (Q, S) int64)``,
-    id -1 where an approximate index found fewer."""
-    params = search_parameters(index, shortlist)
+    id -1 where an approximate index found fewer; ``selector`` (:func:`excluding`) hides ids."""
+    params = search_parameters(index, shortlist, selector)
     x = np.ascontiguousarray(queries, dtype=np.float32)
     return index.search(x, shortlist) if params is None else index.search(x, shortlist, params=params)
 

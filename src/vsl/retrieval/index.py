@@ -20,7 +20,8 @@ from ..data.precomp import companion_path
 from ..errors import CheckpointError, ConfigError, DataError
 from ..rerank import rerank
 from ..runtime import pad_token_ids, padded_words
-from .faiss_index import read_faiss, search
+from .faiss_index import excluding, read_faiss, search
+from .grow import generation, removed_images
 from .store import FILES, read_manifest, sha256_file
 
 PathLike = Union[str, os.PathLike]
@@ -83,6 +84,13 @@ class Index:
             self.caption_faiss = read_faiss(path / FILES["caption_faiss"])
             self.captions = (path / FILES["captions"]).read_text(encoding="utf-8").split("\n")[:self.num_captions]
         self._check_shapes()
+        # Tombstones of this generation (:mod:`.grow`): removed images, and their split's captions.
+        self.generation: int = generation(manifest)
+        self.removed = removed_images(path, manifest)
+        cpi = self.captions_per_image
+        self.removed_captions = (self.removed[:, None] * cpi + np.arange(cpi)).reshape(-1) if cpi else \
+            np.zeros(0, dtype=np.int64)
+        self._image_selector, self._caption_selector = excluding(self.removed), excluding(self.removed_captions)
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -125,7 +133,8 @@ class Index:
         return {"model": m["model"], "checkpoint": m["checkpoint"], "checkpoint_sha256": m["checkpoint_sha256"],
                 "num_images": self.num_images, "num_captions": self.num_captions, "index_type": m["index_type"],
                 "dtype": m["dtype"], "split": m.get("split"), "data_name": m["data_name"],
-                "vsl_version": m["versions"]["vsl"]}
+                "vsl_version": m["versions"]["vsl"], "generation": self.generation,
+                "num_removed": int(len(self.removed))}
 
     def captions_of_image(self, image_id: int) -> List[str]:
         """The split's captions of image ``image_id`` ([] for a pure image gallery)."""
@@ -140,6 +149,8 @@ class Index:
         if not 0 <= int(image_id) < self.num_images:
             raise ConfigError(f"image id {image_id} out of range: the index has {self.num_images} images "
                               f"(ids 0..{self.num_images - 1})")
+        if len(self.removed) and np.isin(int(image_id), self.removed):
+            raise ConfigError(f"image id {image_id} was removed from the index (generation {self.generation})")
         return int(image_id)
 
     @staticmethod
@@ -166,19 +177,21 @@ class Index:
         for q in queries:
             if not isinstance(q, str) or not tokenize(q):
                 raise ConfigError(f"empty query {q!r} (expected a text with at least one word)")
-        k, shortlist = self._sizes(k, shortlist, self.num_images)
+        k, shortlist = self._sizes(k, shortlist, self.num_images - len(self.removed))
         unknown = [[w for w in tokenize(q) if w not in self.vocab] for q in queries]
         ids, lengths = pad_token_ids([self.vocab.encode(q) for q in queries])
         cap_emb = self.model.encode_captions(ids.to(self.device), lengths)             # (Q, L, d)
         cap_vec = self.model.shortlist.captions(cap_emb, lengths.to(self.device)).float()   # (Q, D)
         Q = len(queries)
         if shortlist:
-            cos, cand = search(self.image_faiss, cap_vec.cpu().numpy(), shortlist)                # (Q, S)
+            cos, cand = search(self.image_faiss, cap_vec.cpu().numpy(), shortlist,
+                               self._image_selector)                # (Q, S)
             hit_ids, hit_scores, hit_cos = rerank(
                 cand, cos, lambda uniq, query, item: self.model.sim_enc.score_pairs(
                     self._regions(uniq), cap_emb, lengths, item, query), k)
         else:
             exact = self._exhaustive_images(cap_emb, lengths)             # (Q, n)
+            exact[:, torch.from_numpy(self.removed)] = float("-inf")
             top = torch.topk(exact, k, dim=1)
             hit_ids, hit_scores = top.indices.numpy(), top.values.numpy()
             hit_cos = np.einsum("qkd,qd->qk", self.image_global[hit_ids.reshape(-1)].reshape(Q, k, -1),
@@ -262,12 +275,12 @@ class Index:
         if len(image_ids) == 0:
             raise ConfigError("no image ids given")
         ids = np.array([self._check_image_id(i) for i in image_ids], dtype=np.int64)
-        k, shortlist = self._sizes(k, shortlist, self.num_captions)
+        k, shortlist = self._sizes(k, shortlist, self.num_captions - len(self.removed_captions))
         Q = len(ids)
         img_emb = torch.from_numpy(np.asarray(self.regions[ids], dtype=np.float32)).to(self.device)   # (Q, R, d)
         img_vec = np.asarray(self.image_global[ids], dtype=np.float32)
         if shortlist:
-            cos, cand = search(self.caption_faiss, img_vec, shortlist)                            # (Q, S)
+            cos, cand = search(self.caption_faiss, img_vec, shortlist, self._caption_selector)                            # (Q, S)
             hit_ids, hit_scores, hit_cos = rerank(
                 cand, cos, lambda uniq, query, item: self.model.sim_enc.score_pairs(
                     img_emb, *self._caption_words(uniq), query, item), k)
@@ -276,7 +289,9 @@ class Index:
             for j in range(0, self.num_captions, EXHAUSTIVE_BLOCK):
                 cap_emb, lengths = self._caption_words(np.arange(j, min(self.num_captions, j + EXHAUSTIVE_BLOCK)))
                 parts.append(self.model.similarity(img_emb, cap_emb, lengths).float().cpu())
-            top = torch.topk(torch.cat(parts, dim=1), k, dim=1)
+            exact = torch.cat(parts, dim=1)
+            exact[:, torch.from_numpy(self.removed_captions)] = float("-inf")
+            top = torch.topk(exact, k, dim=1)
             hit_ids, hit_scores = top.indices.numpy(), top.values.numpy()
             hit_cos = np.einsum("qkd,qd->qk", self.caption_global[hit_ids.reshape(-1)].reshape(Q, k, -1), img_vec)
         seconds = time.perf_counter() - start

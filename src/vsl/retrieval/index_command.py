@@ -28,7 +28,7 @@ command runs again; under torchrun each process encodes its own blocks.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS, help="checkpoint with a shortlist head (required)")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint with a shortlist head (required to build)")
     parser.add_argument("--out", required=True, default=argparse.SUPPRESS, help="index folder (required)")
     parser.add_argument("--data_path", default=None, help="data folder (default: the checkpoint's)")
     parser.add_argument("--split", default="test", help="split to index")
@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block_images", type=int, default=BLOCK_IMAGES,
                         help="images per resumable block (and per torchrun share unit)")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
+    parser.add_argument("--remove", metavar="IDS_FILE", default=None,
+                        help="hide the image ids of IDS_FILE (one a line) from an existing --out index in a new "
+                             "generation, at once, re-encoding nothing (default: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
 
 
@@ -61,6 +64,17 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import ConfigError
 
+    if args.remove is not None:
+        from .grow import read_ids, remove_images
+
+        ids = read_ids(args.remove)
+        new = remove_images(args.out, ids)
+        m = read_manifest(Path(args.out))
+        print(f"index {args.out}: generation {new}, {len(set(ids.tolist())):,} images removed "
+              f"({m['num_images'] - m['num_removed']:,} of {m['num_images']:,} searchable)")
+        return 0
+    if args.checkpoint is None:
+        raise ConfigError("--checkpoint is required to build an index (only --remove goes without it)")
     if (args.images is None) != (args.weights is None):
         raise ConfigError("--images and --weights go together (photos to extract, and the detector's weights)")
     if args.images is not None and args.features is not None:
