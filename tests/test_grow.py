@@ -144,3 +144,45 @@ def test_a_remove_killed_at_any_point_leaves_the_previous_generation_and_reruns(
     done = Index.load(out)
     assert done.generation == 1
     assert [(h.id, h.score) for h in done.search_text(["a dog"], k=8, shortlist=20)[0].hits] == expect[2:]
+
+
+def test_serve_reload_swaps_generations_under_concurrent_queries_and_needs_the_token(index_dir, tmp_path):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from vsl.serve.app import create_app
+
+    out = _copy(index_dir, tmp_path)
+    index = Index.load(out)
+    gone = [h.id for h in index.search_text(["a dog"], k=2, shortlist=20)[0].hits]
+    with TestClient(create_app(Index.load(out), workers=2, admin_token="s3cret"),
+                    raise_server_exceptions=False) as client:
+        assert client.get("/api/info").json()["generation"] == 0
+        assert client.post("/api/reload").status_code == 401
+        assert client.post("/api/reload", headers={"Authorization": "Bearer nope"}).json()["error"].startswith("wrong")
+        failures, seen, stop = [], set(), threading.Event()
+
+        def pound():
+            while not stop.is_set():
+                r = client.get("/api/search", params={"q": "a dog", "k": 2, "shortlist": 20})
+                if r.status_code != 200:
+                    failures.append(r.text)
+                else:
+                    seen.add(tuple(h["id"] for h in r.json()["results"]))
+
+        threads = [threading.Thread(target=pound) for _ in range(3)]
+        for t in threads:
+            t.start()
+        assert main(["index", "--out", str(out), "--remove", _ids(tmp_path, gone)]) == 0
+        r = client.post("/api/reload", headers={"Authorization": "Bearer s3cret"})
+        after = [h["id"] for h in client.get("/api/search", params={"q": "a dog", "k": 2}).json()["results"]]
+        stop.set()
+        for t in threads:
+            t.join()
+        assert r.status_code == 200 and r.json() == {"generation": 1, "previous": 0}
+        assert client.get("/api/info").json()["generation"] == 1
+        assert not failures and tuple(gone) in seen and not set(after) & set(gone)
+    with TestClient(create_app(Index.load(out))) as client:
+        r = client.post("/api/reload")
+        assert r.status_code == 403 and "--admin_token" in r.json()["error"]

@@ -117,6 +117,12 @@ class Index:
         loaded = load_for_use(ckpt, dev, vocab_path=path, data_name=manifest["data_name"], shortlist=True)
         return cls(path, manifest, loaded.model, loaded.vocab, dev)
 
+    def reload(self) -> "Index":
+        """A new Index of the newest generation of this folder, sharing this one's model (``self`` stays
+        usable: searches in flight finish on it)."""
+        manifest = read_manifest(self.path)
+        return type(self)(self.path, manifest, self.model, self.vocab, self.device)
+
     def _check_shapes(self) -> None:
         m = self.manifest
         expect = {FILES["regions"]: (self.regions.shape, (self.num_images, m["num_regions"], m["embed_size"])),

@@ -93,7 +93,8 @@ class _Utf8Parameters:
 
 
 def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: float = 2.0,
-               max_batch: int = 32, thumbnails: Optional[Path] = None) -> FastAPI:
+               max_batch: int = 32, thumbnails: Optional[Path] = None,
+               admin_token: Optional[str] = None) -> FastAPI:
     """The app serving ``index`` (a loaded :class:`vsl.retrieval.Index`).
 
     Args:
@@ -102,7 +103,10 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
             that arrive while every worker is busy are batched.
         max_batch: largest batch (1 = no batching).
         thumbnails: folder of ``{image_id}.png`` pictures of the gallery images (optional).
+        admin_token: enables ``POST /api/reload`` for requests sending ``Authorization: Bearer TOKEN``
+            (None: the route answers 403; a wrong or missing token 401).
     """
+    reload_token = admin_token
     workers = workers or os.cpu_count() or 1
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vsl-search")
     batcher = QueryBatcher(executor, workers, window_s=batch_window_ms / 1000.0, max_batch=max_batch)
@@ -163,11 +167,24 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
 
     @app.get("/api/info", summary="the model, checkpoint hash, gallery size and index type")
     async def get_info() -> Dict[str, Any]:
-        return {**info, "num_images": num_images, "num_captions": num_captions,
+        index = app.state.index
+        return {**info, **index.info(), "num_images": int(index.num_images), "num_captions": int(index.num_captions),
                 "thumbnails": thumbs is not None, "explain": explainable, "examples": examples,
                 "server": {"workers": workers, "batch_window_ms": batch_window_ms, "max_batch": max_batch,
                            "max_query_chars": MAX_QUERY_CHARS, "batches": batcher.batches,
                            "queries": batcher.queries}}
+
+    @app.post("/api/reload", summary="load the newest generation of the index folder and swap it in")
+    async def reload(request: Request) -> Dict[str, Any]:
+        if reload_token is None:
+            raise ParameterError("token", "reloading by API is off (start vsl serve with --admin_token)", 403)
+        if request.headers.get("authorization") != f"Bearer {reload_token}":
+            raise ParameterError("token", "wrong or missing admin token (send Authorization: Bearer TOKEN)", 401)
+        old = app.state.index
+        loop = asyncio.get_running_loop()
+        new = await loop.run_in_executor(executor, old.reload)
+        app.state.index = new          # one reference assignment: requests see the old Index or the new one
+        return {"generation": new.generation, "previous": old.generation}
 
     @app.get("/api/search", summary="text -> image (q) or image -> text (image_id)", response_class=JSONResponse)
     async def search(
@@ -181,6 +198,8 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
                                                  "attends to ({words, boxes, attention, image_size})"),
     ) -> JSONResponse:
         t0 = time.perf_counter()
+        index = app.state.index        # this request finishes on the Index it started with (reloads swap it)
+        num_images, num_captions = int(index.num_images), int(index.num_captions)
         if (q is None) == (image_id is None):
             raise ParameterError("q", "give either q (text -> image) or image_id (image -> text)")
         if shortlist < 0:
@@ -192,7 +211,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
             if len(q) > MAX_QUERY_CHARS:
                 raise ParameterError("q", f"q: at most {MAX_QUERY_CHARS} characters, got {len(q):,}")
             k = _check_k(k, num_images, "images")
-            result, batch = await _search("q", ("text", k, shortlist), index.search_text, text, k, shortlist)
+            result, batch = await _search("q", ("text", id(index), k, shortlist), index.search_text, text, k, shortlist)
             body = result.to_dict()
             body["direction"] = "text_to_image"
             for hit in body["results"]:
@@ -212,7 +231,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
             if num_captions == 0:
                 raise ParameterError("image_id", "image_id: this gallery has no captions to search", 422)
             k = _check_k(k, num_captions, "captions")
-            result, batch = await _search("image_id", ("image", k, shortlist), index.search_image, image_id, k,
+            result, batch = await _search("image_id", ("image", id(index), k, shortlist), index.search_image, image_id, k,
                                           shortlist)
             body = result.to_dict()
             body["direction"] = "image_to_text"

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--demo_dir", metavar="DIR", default="./vsl-demo",
                         help="working folder of the demo index (used without --index)")
+    parser.add_argument("--admin_token", default=None,
+                        help="enable POST /api/reload (load the index's newest generation) for requests that "
+                             "send Authorization: Bearer TOKEN (default: off, the route answers 403)")
     parser.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info",
                         help="uvicorn's log level")
 
@@ -38,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
 
     serve(args.index, args.host, args.port, workers=args.workers or None, batch_window_ms=args.batch_window_ms,
           max_batch=args.max_batch, thumbnails=args.thumbnails, device=args.device, demo_dir=args.demo_dir,
-          log_level=args.log_level)
+          log_level=args.log_level, admin_token=args.admin_token)
     return 0

@@ -53,7 +53,7 @@ def default_thumbnails(index) -> Optional[Path]:
 def serve(index: Optional[PathLike] = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
           workers: Optional[int] = None, batch_window_ms: float = 2.0, max_batch: int = 32,
           thumbnails: Optional[PathLike] = None, device: str = "cpu", demo_dir: PathLike = "./vsl-demo",
-          log_level: str = "info") -> None:
+          log_level: str = "info", admin_token: Optional[str] = None) -> None:
     """Serve ``index`` (a folder written by ``vsl index``; None = the demo index) until interrupted."""
     if max_batch < 1:
         raise ConfigError(f"--max_batch: expected >= 1 (1 = no batching), got {max_batch}")
@@ -78,7 +78,8 @@ def serve(index: Optional[PathLike] = None, host: str = DEFAULT_HOST, port: int 
         # Each search thread runs its batch with its share of the cores.
         torch.set_num_threads(max(1, search_threads() // threads))
         app = create_app(loaded, workers=threads, batch_window_ms=batch_window_ms, max_batch=max_batch,
-                         thumbnails=Path(thumbnails) if thumbnails else default_thumbnails(loaded))
+                         thumbnails=Path(thumbnails) if thumbnails else default_thumbnails(loaded),
+                         admin_token=admin_token)
         shown = f"[{host}]" if ":" in host else host
         print(f"vsl serve: {index} ({loaded.num_images:,} images) on http://{shown}:{sock.getsockname()[1]}/ "
               f"- API docs at /docs, Ctrl-C stops", flush=True)
