@@ -214,3 +214,18 @@ def test_demo_explain_benchmark_counts_the_captions_that_name_each_object(tmp_pa
         assert row["chance"] == pytest.approx(np.mean([(scenes.region_owner[i // 5] == slot).mean() for i in named]))
         assert 0 <= row["top1"] <= row["top2"] <= 1
     assert {r["model"] for r in rows} == {"trained", "untrained (baseline)"}
+
+
+def test_bench_million_tiny_mode(tmp_path, capsys):
+    """bench_million.py --tiny: flat is the baseline (recall vs itself not reported, speed-up 1), both
+    directions are measured for every index type, and the streamed gallery files have the demo sizes."""
+    import numpy as np
+    bench = load_benchmark("bench_million")
+    rows = bench.main(["--tiny", "--out", str(tmp_path / "g")])
+    assert [r["index"] for r in rows] == ["flat", "hnsw", "IVF16,PQ32x4fs,RFlat"]
+    assert rows[0]["t2i_speedup"] == 1.0 and "t2i_recall_vs_flat" not in rows[0]
+    for r in rows[1:]:
+        for d in ("t2i", "i2t"):
+            assert 0.5 < r[f"{d}_recall_vs_flat"] <= 1.0 and r[f"{d}_p50_ms"] > 0
+    assert np.load(tmp_path / "g" / "regions.npy", mmap_mode="r").shape == (2000, 36, 128)
+    assert "| flat |" in capsys.readouterr().out

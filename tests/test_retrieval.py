@@ -573,3 +573,17 @@ def test_index_types_are_faiss_factory_strings_and_a_bad_one_is_one_line(tmp_pat
     with pytest.raises(ConfigError, match="cannot train it on 50 vectors") as err:
         faiss_index.make_faiss(few, "IVF4,PQ2")                       # PQ needs 256 training points
     assert "\n" not in str(err.value) and "Clustering.cpp" not in str(err.value)
+
+
+def test_refined_ivf_pq_index_searches_with_per_call_parameters():
+    """A factory string with refinement ("IVF..,PQ..,RFlat") searches: FAISS refuses IVF parameters
+    given to the refine wrapper, so search_parameters wraps them; exact re-scoring finds the query."""
+    import numpy as np
+    from vsl.retrieval.faiss_index import make_faiss, search
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = make_faiss(x, "IVF16,PQ16x4fs,RFlat")
+    scores, ids = search(index, x[:10], 20)
+    assert ids.shape == (10, 20) and (ids[:, 0] == np.arange(10)).all()
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)     # refined: exact inner products

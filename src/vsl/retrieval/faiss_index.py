@@ -29,6 +29,8 @@ IVF_LISTS_PER_SQRT_N, IVF_NPROBE = 4, 32
 IVF_MIN_POINTS, IVF_SAMPLE_POINTS = 39, 256
 #: Vectors added per call (bounds the float32 copy of a memory-mapped array).
 ADD_BLOCK = 65536
+#: A refined index re-scores this many times the shortlist from its base index exactly.
+REFINE_K_FACTOR = 4
 
 
 def ivf_lists(n: int) -> int:
@@ -106,9 +108,18 @@ def _ivf(index):
 
 def search_parameters(index, shortlist: int, selector=None):
     """Per-call FAISS search parameters for a shortlist of ``shortlist`` items (None: nothing to tune);
-    ``selector`` (a FAISS IDSelector) restricts the search to the ids it accepts."""
+    ``selector`` (a FAISS IDSelector) restricts the search to the ids it accepts.
+
+    A refined index (factory ``...,RFlat``) takes refine parameters wrapping its base index's (FAISS
+    refuses the base's parameters given to it directly); the selector goes to the base, which
+    proposes the candidates the refinement re-scores."""
     import faiss
 
+    refine = faiss.downcast_index(index)
+    if isinstance(refine, faiss.IndexRefine):
+        base = search_parameters(refine.base_index, shortlist, selector)
+        extra = {} if base is None else {"base_index_params": base}
+        return faiss.IndexRefineSearchParameters(k_factor=REFINE_K_FACTOR, **extra)
     extra = {} if selector is None else {"sel": selector}
     if _hnsw(index) is not None:
         return faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, 2 * shortlist), **extra)
