@@ -24,8 +24,10 @@ from ..fileio import atomic_write, atomic_write_text, check_writable
 from ..runtime import LoadedModel, caption_batches, image_batches, pad_token_ids
 from .faiss_index import check_index_type, make_faiss, write_faiss
 from .gallery import Gallery, feature_gallery, split_gallery
+from .grow import sweep
+from .segments import segment_file
 from .store import (BLOCK_CAPTIONS, BLOCK_IMAGES, FILES, INDEX_FORMAT, MANIFEST, BlockProgress, barrier,
-                    bytes_per_image, open_array, sha256_file, versions, write_blocks, write_manifest)
+                    bytes_per_image, open_array, reusable, sha256_file, versions, write_blocks, write_manifest)
 
 PathLike = Union[str, os.PathLike]
 
@@ -74,13 +76,12 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
     check_writable(out, "folder")
     dev = distributed.device if distributed is not None else resolve_device(device)
     loaded = load_for_use(checkpoint, dev, vocab_path, data_name, shortlist=True)
-    model, config = loaded.model, loaded.config
+    config = loaded.config
     gallery, source = _gallery(loaded, checkpoint, data_path, split, features)
     n, m = gallery.num_images, len(gallery.captions)
     d, dim = config.embed_size, config.shortlist_dim
     tokens = [loaded.vocab.encode(c) for c in gallery.captions]
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    offsets = word_offsets(tokens)
     options = {"format": INDEX_FORMAT, "checkpoint_sha256": sha256_file(checkpoint), "dtype": dtype,
                "index_type": index_type, "num_images": n, "num_captions": m, "embed_size": d,
                "shortlist_dim": dim, "num_regions": gallery.num_regions, "block_images": block_images,
@@ -96,24 +97,54 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
         if is_main:
             manifest_path.unlink()          # the old index is being replaced: never leave a stale manifest
     barrier(distributed)
-    img_progress = BlockProgress(out, "images", options, rank)
-    cap_progress = BlockProgress(out, "captions", options, rank)
-    img_done, cap_done = img_progress.finished(), cap_progress.finished()
-    fresh = not img_done and not cap_done
-    store = np.float16 if dtype == "float16" else np.float32
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        open_array(out / FILES["regions"], (n, gallery.num_regions, d), store, fresh)
-        open_array(out / FILES["image_global"], (n, dim), np.float32, fresh)
-        if m:
-            open_array(out / FILES["words"], (int(offsets[-1]), d), store, fresh)
-            open_array(out / FILES["caption_global"], (m, dim), np.float32, fresh)
+    encode_gallery(out, "", loaded, gallery, tokens, options, dtype, dev, distributed=distributed,
+                   show=progress and is_main, batch_size=batch_size, block_images=block_images,
+                   block_captions=block_captions)
     barrier(distributed)
-    show = progress and is_main
+    if is_main:
+        _finish(out, loaded, checkpoint, gallery, options, source, offsets, index_type)
+    barrier(distributed)
+    return out
+
+
+def word_offsets(tokens) -> np.ndarray:
+    """``(m + 1,)`` int64: caption j's words are rows ``offsets[j]:offsets[j + 1]`` of the packed words."""
+    return np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int64)
+
+
+def encode_gallery(out: Path, suffix: str, loaded: LoadedModel, gallery: Gallery, tokens, options: Dict[str, Any],
+                   dtype: str, dev, *, distributed=None, show: bool = True, batch_size: int = 128,
+                   block_images: int = BLOCK_IMAGES, block_captions: int = BLOCK_CAPTIONS) -> None:
+    """Encode ``gallery`` into the files of the segment ``suffix`` of ``out`` (:mod:`.segments`), block
+    by block, resuming the blocks a run with the same ``options`` finished (its progress files are
+    named after the segment; the caller removes them once the segment is listed in a manifest)."""
+    model = loaded.model
+    config = loaded.config
+    rank = distributed.rank if distributed is not None else 0
+    n, m = gallery.num_images, len(gallery.captions)
+    d, dim = config.embed_size, config.shortlist_dim
+    offsets = word_offsets(tokens)
+    side = f"segment{suffix}-" if suffix else ""
+    img_progress = BlockProgress(out, f"{side}images", options, rank)
+    cap_progress = BlockProgress(out, f"{side}captions", options, rank)
+    store = np.float16 if dtype == "float16" else np.float32
+    names = {key: segment_file(key, suffix) for key in FILES}
+    arrays = {"regions": ((n, gallery.num_regions, d), store), "image_global": ((n, dim), np.float32)}
+    if m:
+        arrays.update(words=((int(offsets[-1]), d), store), caption_global=((m, dim), np.float32))
+    img_done, cap_done = img_progress.finished(), cap_progress.finished()
+    if not all(reusable(out / names[key], shape, kind) for key, (shape, kind) in arrays.items()):
+        img_done, cap_done = set(), set()            # finished blocks are only trusted in their own files
+    fresh = not img_done and not cap_done
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for key, (shape, kind) in arrays.items():
+            open_array(out / names[key], shape, kind, fresh)
+    barrier(distributed)
 
     # Images: region embeddings and global vectors, block by block.
-    regions = np.lib.format.open_memmap(out / FILES["regions"], mode="r+")
-    img_global = np.lib.format.open_memmap(out / FILES["image_global"], mode="r+")
+    regions = np.lib.format.open_memmap(out / names["regions"], mode="r+")
+    img_global = np.lib.format.open_memmap(out / names["image_global"], mode="r+")
 
     def write_images(lo: int, hi: int, bar) -> None:
         for i, j, emb in image_batches(model, gallery, start=lo, stop=hi, batch_size=batch_size, bar=bar):
@@ -127,8 +158,8 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
     # Captions: word embeddings back to back, and global vectors.
     if m:
         ids, lens = pad_token_ids(tokens)
-        words = np.lib.format.open_memmap(out / FILES["words"], mode="r+")
-        cap_global = np.lib.format.open_memmap(out / FILES["caption_global"], mode="r+")
+        words = np.lib.format.open_memmap(out / names["words"], mode="r+")
+        cap_global = np.lib.format.open_memmap(out / names["caption_global"], mode="r+")
 
         def write_captions(lo: int, hi: int, bar) -> None:
             for i, j, emb, batch_lens in caption_batches(model, ids, lens, start=lo, stop=hi, batch_size=batch_size,
@@ -140,11 +171,6 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
         write_blocks("captions", m, block_captions, write_captions, (words, cap_global), cap_progress, cap_done,
                      distributed, show)
         del words, cap_global
-    barrier(distributed)
-    if is_main:
-        _finish(out, loaded, checkpoint, gallery, options, source, offsets, index_type)
-    barrier(distributed)
-    return out
 
 
 def _finish(out: Path, loaded: LoadedModel, checkpoint: PathLike, gallery: Gallery, options: Dict[str, Any],
@@ -171,7 +197,11 @@ def _finish(out: Path, loaded: LoadedModel, checkpoint: PathLike, gallery: Galle
         "num_images": n, "num_captions": m, "captions_per_image": gallery.captions_per_image,
         "num_regions": gallery.num_regions, "embed_size": config.embed_size, "shortlist_dim": config.shortlist_dim,
         "dtype": options["dtype"], "index_type": index_type, "bytes_per_image": bytes_per_image(out, files, n),
-        "files": {f: (out / f).stat().st_size for f in files}, "created": time.time(),
+        "files": {f: (out / f).stat().st_size for f in files}, "created": time.time(), "generation": 0,
+        "segments": [{"suffix": "", "images": n, "captions": m, "generation": 0}], "next_segment": 1,
+        "sources": [{"first_image": 0, "images": n, "source": source}],
+        "faiss": {"images": FILES["image_faiss"], "captions": FILES["caption_faiss"]},
     })
     for path in out.glob("progress-*.json"):
         path.unlink(missing_ok=True)
+    sweep(out, files)

@@ -11,7 +11,7 @@ sizes do not disturb each other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -57,8 +57,11 @@ def check_index_type(index_type: str, dim: int = 8) -> None:
                           f"string FAISS accepts ({_reason(exc)})") from None
 
 
-def make_faiss(vectors: np.ndarray, index_type: str, seed: int = 0):
-    """An inner-product FAISS index of ``vectors (n, D)`` float32 (a memmap is read in blocks)."""
+def make_faiss(vectors: np.ndarray, index_type: str, seed: int = 0, ids: Optional[np.ndarray] = None):
+    """An inner-product FAISS index of ``vectors (n, D)`` float32 (a memmap is read in blocks).
+
+    ``ids`` ``(n,)`` int64: the vectors' ids (an id map around the index, as a compacted gallery
+    needs); default ``0..n-1``."""
     import faiss
 
     n, dim = vectors.shape
@@ -79,9 +82,31 @@ def make_faiss(vectors: np.ndarray, index_type: str, seed: int = 0):
         except RuntimeError as exc:
             raise ConfigError(f"index type {index_type!r}: FAISS cannot train it on {len(sample):,} vectors "
                               f"({_reason(exc)}); choose a smaller index or a larger gallery") from None
-    for lo in range(0, n, ADD_BLOCK):
-        index.add(np.ascontiguousarray(vectors[lo:lo + ADD_BLOCK], dtype=np.float32))
+    if ids is not None:
+        inner, index = index, faiss.IndexIDMap2(index)
+        index.own_fields = True
+        inner.this.disown()                   # the id map frees its index
+    add_vectors(index, vectors, 0 if ids is None else ids)
     return index
+
+
+def add_vectors(index, vectors: np.ndarray, ids) -> None:
+    """Add ``vectors (n, D)`` to ``index`` with ids ``ids`` (an ``(n,)`` int64 array, or the first id of
+    consecutive ones); an index without an id map numbers its vectors itself, so it must already hold
+    exactly the ids below them."""
+    import faiss
+
+    n = len(vectors)
+    ids = np.arange(ids, ids + n, dtype=np.int64) if np.isscalar(ids) else np.asarray(ids, dtype=np.int64)
+    mapped = isinstance(faiss.downcast_index(index), faiss.IndexIDMap)
+    if not mapped and n and ids[0] != index.ntotal:
+        raise DataError(f"cannot add ids from {int(ids[0])} to a FAISS index of {index.ntotal} vectors")
+    for lo in range(0, n, ADD_BLOCK):
+        block = np.ascontiguousarray(vectors[lo:lo + ADD_BLOCK], dtype=np.float32)
+        if mapped:
+            index.add_with_ids(block, np.ascontiguousarray(ids[lo:lo + ADD_BLOCK]))
+        else:
+            index.add(block)
 
 
 def _reason(exc: Exception) -> str:
@@ -116,6 +141,8 @@ def search_parameters(index, shortlist: int, selector=None):
     import faiss
 
     refine = faiss.downcast_index(index)
+    if isinstance(refine, faiss.IndexIDMap):     # its search hands the inner index the same parameters
+        return search_parameters(refine.index, shortlist, selector)
     if isinstance(refine, faiss.IndexRefine):
         base = search_parameters(refine.base_index, shortlist, selector)
         extra = {} if base is None else {"base_index_params": base}

@@ -65,6 +65,26 @@ def writer_lock(path: PathLike) -> Iterator[None]:
         os.close(fd)                         # closing releases the lock
 
 
+#: Files of an index folder that writers own (others, e.g. ``photos/`` or a user's notes, are never touched).
+OWNED = ("images.*", "captions.*", "removed-g*.npy", ".*.tmp")
+
+
+def sweep(path: Path, *keep: Sequence[str]) -> None:
+    """Delete the index files of ``path`` listed by none of ``keep`` (the new manifest's files and the
+    previous one's: a reader that opened the previous generation still finds every file it lists),
+    except those of a segment an interrupted ``--add`` is still writing (it resumes them); temporary
+    files of writes a crash interrupted go too (the caller holds the writer's lock)."""
+    kept = {name for names in keep for name in names}
+    pending = {p.name[len("progress-segment"):].split("-")[0] for p in path.glob("progress-segment.*.json")}
+    for pattern in OWNED:
+        for file in path.glob(pattern):
+            if file.name in kept or file.name == LOCK or not file.is_file():
+                continue
+            if any(f"{suffix}." in file.name for suffix in pending):
+                continue
+            file.unlink(missing_ok=True)
+
+
 def read_ids(ids_file: PathLike) -> np.ndarray:
     """Image ids of ``ids_file`` (one integer a line; blank lines ignored) as int64."""
     ids_file = Path(ids_file)
@@ -115,8 +135,5 @@ def remove_images(path: PathLike, ids: Sequence[int]) -> int:
                               "num_removed": int(len(merged)),
                               "history": manifest.get("history", []) + [{"generation": new,
                                                                          "removed": int(len(ids))}]})
-        # Files of generations older than the previous one are no longer listed by any reader's manifest.
-        for stale in path.glob("removed-g*.npy"):
-            if stale.name not in (name, old):
-                stale.unlink(missing_ok=True)
+        sweep(path, files, manifest.get("files", {}))
     return new

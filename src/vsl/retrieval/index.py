@@ -22,7 +22,8 @@ from ..rerank import rerank
 from ..runtime import pad_token_ids, padded_words
 from .faiss_index import excluding, read_faiss, search
 from .grow import generation, removed_images
-from .store import FILES, read_manifest, sha256_file
+from .segments import caption_offsets, caption_texts, faiss_files, open_side, read_rows, segments
+from .store import read_manifest, sha256_file
 
 PathLike = Union[str, os.PathLike]
 #: Images whose regions are scored at once in exhaustive search (bounds the float32 copy).
@@ -73,16 +74,20 @@ class Index:
         self.num_images: int = int(manifest["num_images"])
         self.num_captions: int = int(manifest["num_captions"])
         self.captions_per_image: int = int(manifest["captions_per_image"])
-        self.regions = np.load(path / FILES["regions"], mmap_mode="r")
-        self.image_global = np.load(path / FILES["image_global"], mmap_mode="r")
-        self.image_faiss = read_faiss(path / FILES["image_faiss"])
+        # Rows of all segments (:mod:`.segments`), addressed by id through the id maps.
+        self.image_rows = read_rows(path, manifest, "images", self.num_images)
+        self.caption_rows = read_rows(path, manifest, "captions", self.num_captions)
+        self.regions = open_side(path, manifest, "regions")                # (rows, R, d)
+        self.image_global = open_side(path, manifest, "image_global")      # (rows, D)
+        faiss = faiss_files(manifest)
+        self.image_faiss = read_faiss(path / faiss["images"])
         self.captions: List[str] = []
         if self.num_captions:
-            self.words = np.load(path / FILES["words"], mmap_mode="r")
-            self.offsets = np.load(path / FILES["offsets"])
-            self.caption_global = np.load(path / FILES["caption_global"], mmap_mode="r")
-            self.caption_faiss = read_faiss(path / FILES["caption_faiss"])
-            self.captions = (path / FILES["captions"]).read_text(encoding="utf-8").split("\n")[:self.num_captions]
+            self.words = open_side(path, manifest, "words")                # (words, d)
+            self.offsets = caption_offsets(path, manifest)                 # (caption rows + 1,)
+            self.caption_global = open_side(path, manifest, "caption_global")
+            self.caption_faiss = read_faiss(path / faiss["captions"])
+            self.captions = caption_texts(path, manifest)                  # by caption row
         self._check_shapes()
         # Tombstones of this generation (:mod:`.grow`): removed images, and their split's captions.
         self.generation: int = generation(manifest)
@@ -91,6 +96,10 @@ class Index:
         self.removed_captions = (self.removed[:, None] * cpi + np.arange(cpi)).reshape(-1) if cpi else \
             np.zeros(0, dtype=np.int64)
         self._image_selector, self._caption_selector = excluding(self.removed), excluding(self.removed_captions)
+        # Rows still holding removed ids (none after a compaction): masked in exhaustive search.
+        self._removed_image_rows = self.image_rows.rows(self.removed[self.image_rows.present(self.removed)])
+        self._removed_caption_rows = self.caption_rows.rows(
+            self.removed_captions[self.caption_rows.present(self.removed_captions)])
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -124,15 +133,21 @@ class Index:
         return type(self)(self.path, manifest, self.model, self.vocab, self.device)
 
     def _check_shapes(self) -> None:
+        from .segments import segment_file
+
         m = self.manifest
-        expect = {FILES["regions"]: (self.regions.shape, (self.num_images, m["num_regions"], m["embed_size"])),
-                  FILES["image_global"]: (self.image_global.shape, (self.num_images, m["shortlist_dim"]))}
-        for name, (have, want) in expect.items():
-            if tuple(have) != tuple(want):
-                raise DataError(f"{self.path / name}: shape {tuple(have)}, expected {tuple(want)} (rebuild the index)")
-        if self.image_faiss.ntotal != self.num_images:
-            raise DataError(f"{self.path / FILES['image_faiss']}: {self.image_faiss.ntotal} vectors, "
-                            f"expected {self.num_images} (rebuild the index)")
+        for part, seg in enumerate(segments(m)):
+            rows = int(seg["images"])
+            for key, array, want in (("regions", self.regions, (rows, m["num_regions"], m["embed_size"])),
+                                     ("image_global", self.image_global, (rows, m["shortlist_dim"]))):
+                have = array.parts[part].shape
+                if tuple(have) != tuple(want):
+                    raise DataError(f"{self.path / segment_file(key, seg['suffix'])}: shape {tuple(have)}, "
+                                    f"expected {tuple(want)} (rebuild the index)")
+        rows = self.image_rows.num_rows
+        if len(self.regions) != rows or self.image_faiss.ntotal != rows:
+            raise DataError(f"{self.path / faiss_files(m)['images']}: {self.image_faiss.ntotal} vectors and "
+                            f"{len(self.regions)} rows, expected {rows} (rebuild the index)")
 
     def info(self) -> Dict[str, Any]:
         m = self.manifest
@@ -146,7 +161,8 @@ class Index:
         """The split's captions of image ``image_id`` ([] for a pure image gallery)."""
         self._check_image_id(image_id)
         cpi = self.captions_per_image
-        return self.captions[cpi * image_id:cpi * (image_id + 1)] if cpi else []
+        rows = self.caption_rows.rows(np.arange(cpi * image_id, cpi * (image_id + 1)))
+        return [self.captions[r] for r in rows.tolist()]
 
     # -- checks -------------------------------------------------------------------------------
     def _check_image_id(self, image_id) -> int:
@@ -188,7 +204,6 @@ class Index:
         ids, lengths = pad_token_ids([self.vocab.encode(q) for q in queries])
         cap_emb = self.model.encode_captions(ids.to(self.device), lengths)             # (Q, L, d)
         cap_vec = self.model.shortlist.captions(cap_emb, lengths.to(self.device)).float()   # (Q, D)
-        Q = len(queries)
         if shortlist:
             cos, cand = search(self.image_faiss, cap_vec.cpu().numpy(), shortlist,
                                self._image_selector)                # (Q, S)
@@ -196,12 +211,12 @@ class Index:
                 cand, cos, lambda uniq, query, item: self.model.sim_enc.score_pairs(
                     self._regions(uniq), cap_emb, lengths, item, query), k)
         else:
-            exact = self._exhaustive_images(cap_emb, lengths)             # (Q, n)
-            exact[:, torch.from_numpy(self.removed)] = float("-inf")
+            exact = self._exhaustive_images(cap_emb, lengths)             # (Q, rows)
+            exact[:, torch.from_numpy(self._removed_image_rows)] = float("-inf")
             top = torch.topk(exact, k, dim=1)
-            hit_ids, hit_scores = top.indices.numpy(), top.values.numpy()
-            hit_cos = np.einsum("qkd,qd->qk", self.image_global[hit_ids.reshape(-1)].reshape(Q, k, -1),
-                                cap_vec.cpu().numpy())
+            rows, hit_scores = top.indices.numpy(), top.values.numpy()
+            hit_ids = self.image_rows.ids_of(rows)
+            hit_cos = np.einsum("qkd,qd->qk", self.image_global[rows], cap_vec.cpu().numpy())
         seconds = time.perf_counter() - start
         return [SearchResult(query=q, unknown_words=unknown[i], k=k, shortlist=shortlist, seconds=seconds,
                              hits=[SearchHit(rank=r + 1, id=int(hit_ids[i, r]), score=float(hit_scores[i, r]),
@@ -260,12 +275,17 @@ class Index:
 
     def _regions(self, image_ids: np.ndarray) -> torch.Tensor:
         """Region embeddings of ``image_ids`` (sorted) as float32 ``(len, R, d)`` on the device."""
-        return torch.from_numpy(np.asarray(self.regions[image_ids], dtype=np.float32)).to(self.device)
+        return self._region_rows(self.image_rows.rows(image_ids))
+
+    def _region_rows(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.regions[rows], dtype=np.float32)).to(self.device)
 
     def _exhaustive_images(self, cap_emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        rows = [self.model.similarity(self._regions(np.arange(i, min(self.num_images, i + EXHAUSTIVE_BLOCK))),
+        """Exact scores ``(Q, rows)`` of the queries against every image row."""
+        n = len(self.regions)
+        rows = [self.model.similarity(self._region_rows(np.arange(i, min(n, i + EXHAUSTIVE_BLOCK))),
                                       cap_emb, lengths).float().cpu()
-                for i in range(0, self.num_images, EXHAUSTIVE_BLOCK)]
+                for i in range(0, n, EXHAUSTIVE_BLOCK)]
         return torch.cat(rows, dim=0).t()
 
     # -- image -> captions --------------------------------------------------------------------
@@ -282,34 +302,37 @@ class Index:
             raise ConfigError("no image ids given")
         ids = np.array([self._check_image_id(i) for i in image_ids], dtype=np.int64)
         k, shortlist = self._sizes(k, shortlist, self.num_captions - len(self.removed_captions))
-        Q = len(ids)
-        img_emb = torch.from_numpy(np.asarray(self.regions[ids], dtype=np.float32)).to(self.device)   # (Q, R, d)
-        img_vec = np.asarray(self.image_global[ids], dtype=np.float32)
+        img_emb = self._regions(ids)                                                       # (Q, R, d)
+        img_vec = np.asarray(self.image_global[self.image_rows.rows(ids)], dtype=np.float32)
         if shortlist:
             cos, cand = search(self.caption_faiss, img_vec, shortlist, self._caption_selector)                            # (Q, S)
             hit_ids, hit_scores, hit_cos = rerank(
                 cand, cos, lambda uniq, query, item: self.model.sim_enc.score_pairs(
                     img_emb, *self._caption_words(uniq), query, item), k)
         else:
-            parts = []
-            for j in range(0, self.num_captions, EXHAUSTIVE_BLOCK):
-                cap_emb, lengths = self._caption_words(np.arange(j, min(self.num_captions, j + EXHAUSTIVE_BLOCK)))
+            parts, m = [], len(self.caption_global)
+            for j in range(0, m, EXHAUSTIVE_BLOCK):
+                cap_emb, lengths = self._caption_word_rows(np.arange(j, min(m, j + EXHAUSTIVE_BLOCK)))
                 parts.append(self.model.similarity(img_emb, cap_emb, lengths).float().cpu())
-            exact = torch.cat(parts, dim=1)
-            exact[:, torch.from_numpy(self.removed_captions)] = float("-inf")
+            exact = torch.cat(parts, dim=1)                                              # (Q, caption rows)
+            exact[:, torch.from_numpy(self._removed_caption_rows)] = float("-inf")
             top = torch.topk(exact, k, dim=1)
-            hit_ids, hit_scores = top.indices.numpy(), top.values.numpy()
-            hit_cos = np.einsum("qkd,qd->qk", self.caption_global[hit_ids.reshape(-1)].reshape(Q, k, -1), img_vec)
+            rows, hit_scores = top.indices.numpy(), top.values.numpy()
+            hit_ids = self.caption_rows.ids_of(rows)
+            hit_cos = np.einsum("qkd,qd->qk", self.caption_global[rows], img_vec)
         seconds = time.perf_counter() - start
         return [SearchResult(query=int(q), unknown_words=[], k=k, shortlist=shortlist, seconds=seconds,
                              hits=[SearchHit(rank=r + 1, id=int(hit_ids[i, r]), score=float(hit_scores[i, r]),
                                              shortlist_score=float(hit_cos[i, r]),
-                                             captions=[self.captions[int(hit_ids[i, r])]])
+                                             captions=[self.captions[int(self.caption_rows.rows(hit_ids[i, r]))]])
                                    for r in range(hit_ids.shape[1]) if hit_ids[i, r] >= 0])
                 for i, q in enumerate(ids)]
 
     def _caption_words(self, caption_ids: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Zero-padded word embeddings ``(len, L, d)`` float32 and lengths ``(len,)`` of ``caption_ids``."""
-        starts = self.offsets[caption_ids]
-        lengths = self.offsets[caption_ids + 1] - starts
+        return self._caption_word_rows(self.caption_rows.rows(caption_ids))
+
+    def _caption_word_rows(self, rows: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts
         return padded_words(self.words, starts, lengths).to(self.device), torch.from_numpy(lengths)

@@ -125,6 +125,15 @@ def write_blocks(side: str, total: int, block: int, write: Callable[[int, int, A
     bar.close()
 
 
+def reusable(path: Path, shape: Tuple[int, ...], dtype) -> bool:
+    """Whether ``path`` is a ``.npy`` file of this shape and dtype (the blocks a resumed build trusts)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError):
+        return False
+    return array.shape == tuple(shape) and array.dtype == np.dtype(dtype)
+
+
 def open_array(path: Path, shape: Tuple[int, ...], dtype, fresh: bool) -> np.ndarray:
     """A writable ``.npy`` memmap: created (sparse) when ``fresh``, else reopened after checking its header."""
     if not fresh and path.is_file():
