@@ -253,3 +253,61 @@ def test_an_add_killed_at_any_point_leaves_the_previous_generation_and_resumes(f
     generation_0 = {"images.faiss", "captions.faiss"}             # a reader of generation 0 may hold them
     listed = set(manifest["files"]) | generation_0 | {"manifest.json", "coco_precomp_vocab.json", ".lock"}
     assert {p.name for p in out.iterdir()} <= listed
+
+
+def test_serve_follows_the_manifest_and_adds_and_removes_by_api(fitted, data, tmp_path):
+    """A server picks up a generation another process writes, without failing a request; its admin
+    routes add and remove (token checked, a second writer 409, bad ids one line, nothing changed)."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from vsl.serve.app import create_app
+
+    out = _build(fitted, data, tmp_path / "idx")
+    auth = {"Authorization": "Bearer s3cret"}
+    with TestClient(create_app(Index.load(out), workers=2, admin_token="s3cret", watch_s=0.05),
+                    raise_server_exceptions=False) as client:
+        failures, stop = [], threading.Event()
+
+        def pound():
+            while not stop.is_set():
+                r = client.get("/api/search", params={"q": "a dog", "k": 5, "shortlist": 20})
+                if r.status_code != 200:
+                    failures.append(r.text)
+
+        threads = [threading.Thread(target=pound) for _ in range(2)]
+        for t in threads:
+            t.start()
+        assert main(_add_args(fitted, data, out)) == 0                 # another process's write
+        deadline = time.monotonic() + 20
+        while client.get("/api/info").json()["generation"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join()
+        info = client.get("/api/info").json()
+        assert (info["generation"], info["num_images"]) == (1, 36) and not failures
+        assert client.get("/api/search", params={"image_id": 30}).status_code == 200
+
+        assert client.post("/api/remove", json={"ids": [3]}).status_code == 401
+        assert client.post("/api/add", json={"features": "x"}, headers={"Authorization": "Bearer no"}).status_code == 401
+        r = client.post("/api/remove", json={"ids": [3, 999]}, headers=auth)
+        assert r.status_code == 422 and "unknown image ids 999" in r.json()["error"] and "\n" not in r.json()["error"]
+        with writer_lock(out):
+            r = client.post("/api/remove", json={"ids": [3]}, headers=auth)
+            assert r.status_code == 409 and "another vsl index is writing" in r.json()["error"]
+        assert client.get("/api/info").json()["generation"] == 1
+        r = client.post("/api/remove", json={"ids": [3, 20]}, headers=auth)
+        assert r.status_code == 200 and r.json() == {"generation": 2, "previous": 1, "removed": 2}
+        hits = client.get("/api/search", params={"q": "a dog", "k": 34, "shortlist": 0}).json()["results"]
+        assert len(hits) == 34 and not {h["id"] for h in hits} & {3, 20}
+        assert client.post("/api/add", json={"split": "train"}, headers=auth).status_code == 422
+        r = client.post("/api/add", json={"data_path": data["data_path"], "split": "train"}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"generation": 3, "previous": 2, "images": 60, "captions": 300, "first_image": 36,
+                            "already": False}
+        assert client.get("/api/info").json()["num_images"] == 96
+        r = client.post("/api/add", json={"data_path": data["data_path"], "split": "train"}, headers=auth)
+        assert r.json()["already"] is True and r.json()["generation"] == 3

@@ -229,3 +229,16 @@ def test_bench_million_tiny_mode(tmp_path, capsys):
             assert 0.5 < r[f"{d}_recall_vs_flat"] <= 1.0 and r[f"{d}_p50_ms"] > 0
     assert np.load(tmp_path / "g" / "regions.npy", mmap_mode="r").shape == (2000, 36, 128)
     assert "| flat |" in capsys.readouterr().out
+
+
+def test_bench_grow_tiny_mode_adds_and_matches_a_rebuild(tmp_path):
+    """bench_grow.py --tiny: the add's row is a fraction of the rebuild measured in the same run, the
+    second add does nothing, and the grown index answers every compared query as the rebuilt one."""
+    bench = load_benchmark("bench_grow")
+    result = bench.main(["--tiny", "--work", str(tmp_path / "w"), "--json", str(tmp_path / "g.json")])
+    rows = {r["step"]: r for r in result["rows"]}
+    assert rows["rebuild (baseline)"]["vs_rebuild"] == 1.0 and rows["add"]["images"] == 20
+    assert 0 < rows["add"]["vs_rebuild"] < 1
+    check = result["check"]
+    assert check["same_ids"] == check["queries"] > 0 and check["max_score_diff"] <= bench.TOLERANCE
+    assert json.loads((tmp_path / "g.json").read_text())["check"] == check

@@ -156,7 +156,7 @@ def test_serve_reload_swaps_generations_under_concurrent_queries_and_needs_the_t
     out = _copy(index_dir, tmp_path)
     index = Index.load(out)
     gone = [h.id for h in index.search_text(["a dog"], k=2, shortlist=20)[0].hits]
-    with TestClient(create_app(Index.load(out), workers=2, admin_token="s3cret"),
+    with TestClient(create_app(Index.load(out), workers=2, admin_token="s3cret", watch_s=0),
                     raise_server_exceptions=False) as client:
         assert client.get("/api/info").json()["generation"] == 0
         assert client.post("/api/reload").status_code == 401
@@ -186,3 +186,4 @@ def test_serve_reload_swaps_generations_under_concurrent_queries_and_needs_the_t
     with TestClient(create_app(Index.load(out))) as client:
         r = client.post("/api/reload")
         assert r.status_code == 403 and "--admin_token" in r.json()["error"]
+        assert client.post("/api/remove", json={"ids": [1]}).status_code == 403

@@ -19,7 +19,6 @@ from vsl.data import Vocabulary, vocab_file
 from vsl.models import build_model
 from vsl.retrieval import Index
 from vsl.serve.app import create_app
-from vsl.serve.server import default_thumbnails
 
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
 CAPTIONS = {
@@ -66,7 +65,7 @@ def test_the_index_explains_a_match_with_the_extracted_boxes(photo_index):
 
 def test_the_api_explains_text_to_image_results_and_refuses_without_boxes(photo_index):
     root, index = photo_index
-    with TestClient(create_app(index, workers=1, thumbnails=default_thumbnails(index))) as client:
+    with TestClient(create_app(index, workers=1)) as client:
         info = client.get("/api/info").json()
         assert info["explain"] and info["thumbnails"]
         body = client.get("/api/search", params={"q": "a rocket under a blue sky", "k": 4, "explain": 1}).json()
@@ -94,7 +93,7 @@ def test_photo_cards_and_explanation_boxes_in_headless_chromium(photo_index, tmp
     from playwright.sync_api import sync_playwright
 
     root, index = photo_index
-    with running(create_app(index, thumbnails=default_thumbnails(index))) as url, sync_playwright() as p:
+    with running(create_app(index)) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
@@ -126,7 +125,7 @@ def test_index_images_extracts_and_indexes_a_photo_gallery_in_one_command(photo_
     gallery = Index.load(out)
     assert gallery.num_images == len(PHOTOS) and gallery.num_captions == 0
     extracted = np.load(root / "data" / "photos_precomp" / "test_boxes.npy")
-    assert gallery.can_explain and default_thumbnails(gallery) == out / "photos" / "photos_precomp" / "test_thumbs"
+    assert gallery.can_explain and gallery.picture(0).parent == out / "photos" / "photos_precomp" / "test_thumbs"
     (why,) = gallery.explain("an orange cat", [0])
     np.testing.assert_allclose(why["boxes"], extracted[0], atol=0.05)       # the same photos, the same boxes
     (result,) = gallery.search_text(["an orange cat"], k=4, shortlist=4)

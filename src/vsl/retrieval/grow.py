@@ -30,6 +30,10 @@ LOCK = ".lock"
 SHOWN_IDS = 5
 
 
+class IndexBusy(ConfigError):
+    """Another writer holds the index folder's lock."""
+
+
 def generation(manifest) -> int:
     """The manifest's generation (0 for an index written before generations existed)."""
     return int(manifest.get("generation", 0))
@@ -57,7 +61,7 @@ def writer_lock(path: PathLike) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise ConfigError(f"another vsl index is writing {path} (pid {pid})") from None
+            raise IndexBusy(f"another vsl index is writing {path} (pid {pid})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

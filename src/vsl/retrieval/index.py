@@ -22,7 +22,7 @@ from ..rerank import rerank
 from ..runtime import pad_token_ids, padded_words
 from .faiss_index import excluding, read_faiss, search
 from .grow import generation, removed_images
-from .segments import caption_offsets, caption_texts, faiss_files, open_side, read_rows, segments
+from .segments import caption_offsets, caption_texts, faiss_files, open_side, read_rows, segments, sources
 from .store import read_manifest, sha256_file
 
 PathLike = Union[str, os.PathLike]
@@ -60,6 +60,19 @@ class SearchResult:
         return {"query": self.query, "results": [h.to_dict() for h in self.hits],
                 "unknown_words": list(self.unknown_words), "k": self.k, "shortlist": self.shortlist,
                 "seconds": self.seconds}
+
+
+def source_path(source: Dict[str, Any], suffix: str) -> Optional[Path]:
+    """A file or folder beside indexed features, when it exists: ``{split}{suffix}`` in
+    ``{data_path}/{data_name}/`` for a split, or beside a gallery's one feature file ``X_ims.npy``
+    (``X{suffix}``), e.g. the ``_boxes.npy``, ``_sizes.npy`` and ``_thumbs`` of ``vsl extract``."""
+    if all(isinstance(source.get(k), str) for k in ("data_path", "data_name", "split")):
+        path = Path(source["data_path"]) / source["data_name"] / f"{source['split']}{suffix}"
+    elif len(source.get("features") or ()) == 1:
+        path = companion_path(source["features"][0], suffix)
+    else:
+        return None
+    return path if path.exists() else None
 
 
 class Index:
@@ -227,30 +240,36 @@ class Index:
 
     # -- explaining a match -------------------------------------------------------------------
     def split_path(self, suffix: str) -> Optional[Path]:
-        """A file or folder beside the indexed features, when it exists: ``{split}{suffix}`` in
-        ``{data_path}/{data_name}/`` for a split, or beside a gallery's one feature file ``X_ims.npy``
-        (``X{suffix}``), e.g. the ``_boxes.npy``, ``_sizes.npy`` and ``_thumbs`` of ``vsl extract``."""
-        source = self.manifest.get("options", {})
-        if all(isinstance(source.get(k), str) for k in ("data_path", "data_name", "split")):
-            path = Path(source["data_path"]) / source["data_name"] / f"{source['split']}{suffix}"
-        elif len(source.get("features") or ()) == 1:
-            path = companion_path(source["features"][0], suffix)
-        else:
-            return None
-        return path if path.exists() else None
+        """A file or folder beside the first indexed features, when it exists (:func:`source_path`)."""
+        return source_path(sources(self.manifest)[0]["source"], suffix)
+
+    def _sources_of(self, image_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """For each image id: the index into the manifest's sources, and the image's number there."""
+        firsts = np.array([s["first_image"] for s in sources(self.manifest)], dtype=np.int64)
+        which = np.searchsorted(firsts, image_ids, side="right") - 1
+        return which, image_ids - firsts[which]
+
+    def picture(self, image_id: int) -> Optional[Path]:
+        """The picture of a gallery image (``{n}.png`` in its source's ``_thumbs/``), when there is one."""
+        which, local = self._sources_of(np.array([int(image_id)]))
+        folder = source_path(sources(self.manifest)[int(which[0])]["source"], "_thumbs")
+        path = folder / f"{int(local[0])}.png" if folder is not None else None
+        return path if path is not None and path.is_file() else None
 
     @property
     def can_explain(self) -> bool:
-        """Whether the gallery has region boxes (``{split}_boxes.npy`` and ``_sizes.npy``)."""
-        return self.split_path("_boxes.npy") is not None and self.split_path("_sizes.npy") is not None
+        """Whether some indexed source has region boxes (``{split}_boxes.npy`` and ``_sizes.npy``)."""
+        return any(source_path(s["source"], "_boxes.npy") is not None and
+                   source_path(s["source"], "_sizes.npy") is not None for s in sources(self.manifest))
 
-    def explain(self, query: str, image_ids: Sequence[int]) -> List[Dict[str, Any]]:
+    def explain(self, query: str, image_ids: Sequence[int]) -> List[Optional[Dict[str, Any]]]:
         """Which regions of each image the words of ``query`` attend to under the exact model.
 
         Returns one ``{"words", "boxes", "attention", "image_size"}`` per image: the query's words
         (the tokenizer's, without ``<start>``/``<end>``), the image's region boxes ``(R, 4)`` x1 y1 x2 y2
         in its own pixels, the ``(words, R)`` attention weights (each row sums to 1) and
-        ``[width, height]``. A DataError when the gallery has no boxes.
+        ``[width, height]``; None for an image whose source has no boxes. A DataError when no
+        indexed source has boxes.
         """
         from ..data import tokenize
         from ..models.explain import word_region_attention
@@ -267,11 +286,18 @@ class Index:
             attention = word_region_attention(self._regions(ids), cap.expand(P, -1, -1),
                                               lengths.expand(P).to(self.device))              # (P, L, R)
         attention = attention[:, 1:1 + len(words)].float().cpu().numpy()                 # drop <start>, <end>
-        boxes = np.load(self.split_path("_boxes.npy"), mmap_mode="r")
-        sizes = np.load(self.split_path("_sizes.npy"), mmap_mode="r")                   # (N, 2) height, width
-        return [{"words": words, "boxes": np.asarray(boxes[i], dtype=np.float32).round(1).tolist(),
-                 "attention": attention[p].round(4).tolist(), "image_size": [int(sizes[i][1]), int(sizes[i][0])]}
-                for p, i in enumerate(ids.tolist())]
+        which, local = self._sources_of(ids)
+        found = {}
+        for w in np.unique(which).tolist():
+            source = sources(self.manifest)[w]["source"]
+            boxes, sizes = source_path(source, "_boxes.npy"), source_path(source, "_sizes.npy")
+            if boxes is not None and sizes is not None:
+                found[w] = (np.load(boxes, mmap_mode="r"), np.load(sizes, mmap_mode="r"))   # sizes (N, 2) h, w
+        return [None if w not in found else
+                {"words": words, "boxes": np.asarray(found[w][0][i], dtype=np.float32).round(1).tolist(),
+                 "attention": attention[p].round(4).tolist(),
+                 "image_size": [int(found[w][1][i][1]), int(found[w][1][i][0])]}
+                for p, (w, i) in enumerate(zip(which.tolist(), local.tolist()))]
 
     def _regions(self, image_ids: np.ndarray) -> torch.Tensor:
         """Region embeddings of ``image_ids`` (sorted) as float32 ``(len, R, d)`` on the device."""

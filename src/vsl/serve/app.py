@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import fastapi_offline
 
 from ..errors import VSLError
+from .admin import WATCH_S, Swapper, add_admin_routes
 from .batching import QueryBatcher
 
 STATIC = Path(__file__).with_name("static")
@@ -94,7 +95,7 @@ class _Utf8Parameters:
 
 def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: float = 2.0,
                max_batch: int = 32, thumbnails: Optional[Path] = None,
-               admin_token: Optional[str] = None) -> FastAPI:
+               admin_token: Optional[str] = None, watch_s: float = WATCH_S) -> FastAPI:
     """The app serving ``index`` (a loaded :class:`vsl.retrieval.Index`).
 
     Args:
@@ -103,14 +104,24 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
             that arrive while every worker is busy are batched.
         max_batch: largest batch (1 = no batching).
         thumbnails: folder of ``{image_id}.png`` pictures of the gallery images (optional).
-        admin_token: enables ``POST /api/reload`` for requests sending ``Authorization: Bearer TOKEN``
-            (None: the route answers 403; a wrong or missing token 401).
+        admin_token: enables the admin routes (:mod:`.admin`: reload, add, remove) for requests
+            sending ``Authorization: Bearer TOKEN`` (None: they answer 403; a wrong or missing token 401).
+        watch_s: seconds between looks at the index's manifest; a new generation written by another
+            process is swapped in (0: only ``POST /api/reload`` does).
     """
-    reload_token = admin_token
     workers = workers or os.cpu_count() or 1
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vsl-search")
     batcher = QueryBatcher(executor, workers, window_s=batch_window_ms / 1000.0, max_batch=max_batch)
     thumbs = Path(thumbnails) if thumbnails is not None and Path(thumbnails).is_dir() else None
+
+    def picture(index, image_id: int) -> Optional[Path]:
+        """The picture of a gallery image: ``--thumbnails``' ``{id}.png``, else the index's own."""
+        if thumbs is not None:
+            path = thumbs / f"{image_id}.png"
+            return path if path.is_file() else None
+        find = getattr(index, "picture", None)
+        return find(image_id) if find is not None else None
+
     info = dict(index.info())
     num_images, num_captions = int(index.num_images), int(index.num_captions)
     # Captions per image: caption j of an image->text result belongs to image j // per_image.
@@ -124,7 +135,11 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        watcher = asyncio.create_task(swapper.watch()) if watch_s > 0 else None
         yield
+        if watcher is not None:
+            watcher.cancel()
+        swapper.close()
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="vsl search", version=str(info.get("vsl_version", "")), lifespan=lifespan,
@@ -132,6 +147,8 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
                   description="Image-text retrieval over a `vsl index`: a vector shortlist, then the "
                               "exact SGR/SAF score on the shortlist.")
     app.state.batcher, app.state.index = batcher, index
+    swapper = Swapper(app, watch_s)
+    has_pictures = thumbs is not None or (num_images > 0 and picture(index, 0) is not None)
 
     # -- errors: always JSON, one line, no traceback -----------------------------------------------
     @app.exception_handler(ParameterError)
@@ -169,22 +186,12 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
     async def get_info() -> Dict[str, Any]:
         index = app.state.index
         return {**info, **index.info(), "num_images": int(index.num_images), "num_captions": int(index.num_captions),
-                "thumbnails": thumbs is not None, "explain": explainable, "examples": examples,
+                "thumbnails": has_pictures, "explain": explainable, "examples": examples,
                 "server": {"workers": workers, "batch_window_ms": batch_window_ms, "max_batch": max_batch,
                            "max_query_chars": MAX_QUERY_CHARS, "batches": batcher.batches,
                            "queries": batcher.queries}}
 
-    @app.post("/api/reload", summary="load the newest generation of the index folder and swap it in")
-    async def reload(request: Request) -> Dict[str, Any]:
-        if reload_token is None:
-            raise ParameterError("token", "reloading by API is off (start vsl serve with --admin_token)", 403)
-        if request.headers.get("authorization") != f"Bearer {reload_token}":
-            raise ParameterError("token", "wrong or missing admin token (send Authorization: Bearer TOKEN)", 401)
-        old = app.state.index
-        loop = asyncio.get_running_loop()
-        new = await loop.run_in_executor(executor, old.reload)
-        app.state.index = new          # one reference assignment: requests see the old Index or the new one
-        return {"generation": new.generation, "previous": old.generation}
+    add_admin_routes(app, swapper, admin_token, ParameterError)
 
     @app.get("/api/search", summary="text -> image (q) or image -> text (image_id)", response_class=JSONResponse)
     async def search(
@@ -215,7 +222,7 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
             body = result.to_dict()
             body["direction"] = "text_to_image"
             for hit in body["results"]:
-                hit["thumbnail"] = f"/api/thumbnail/{hit['id']}" if thumbs is not None else None
+                hit["thumbnail"] = f"/api/thumbnail/{hit['id']}" if picture(index, hit["id"]) is not None else None
             if explain:
                 if not explainable:
                     raise ParameterError("explain", "explain: this gallery has no region boxes to explain "
@@ -236,7 +243,8 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
             body = result.to_dict()
             body["direction"] = "image_to_text"
             body["image"] = {"id": image_id, "captions": list(index.captions_of_image(image_id)),
-                             "thumbnail": f"/api/thumbnail/{image_id}" if thumbs is not None else None}
+                             "thumbnail": f"/api/thumbnail/{image_id}" if picture(index, image_id) is not None
+                             else None}
             for hit in body["results"]:
                 hit["image_id"] = hit["id"] // per_image if per_image else None
         body["batch_size"] = batch
@@ -259,10 +267,11 @@ def create_app(index: Any, *, workers: Optional[int] = None, batch_window_ms: fl
     @app.get("/api/thumbnail/{image_id}", summary="the picture of a gallery image (PNG)",
              response_class=FileResponse)
     async def thumbnail(image_id: int) -> FileResponse:
-        if not 0 <= image_id < num_images:
+        index = app.state.index
+        if not 0 <= image_id < int(index.num_images):
             raise ParameterError("image_id", f"image_id: no image {image_id} in the gallery", 404)
-        path = thumbs / f"{image_id}.png" if thumbs is not None else None
-        if path is None or not path.is_file():
+        path = picture(index, image_id)
+        if path is None:
             raise ParameterError("image_id", f"image_id: image {image_id} has no thumbnail", 404)
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 

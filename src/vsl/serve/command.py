@@ -30,8 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo_dir", metavar="DIR", default="./vsl-demo",
                         help="working folder of the demo index (used without --index)")
     parser.add_argument("--admin_token", default=None,
-                        help="enable POST /api/reload (load the index's newest generation) for requests that "
-                             "send Authorization: Bearer TOKEN (default: off, the route answers 403)")
+                        help="enable the admin routes POST /api/reload, /api/add and /api/remove for requests "
+                             "that send Authorization: Bearer TOKEN (default: off, they answer 403)")
+    parser.add_argument("--watch_s", type=float, default=None, metavar="SECONDS",
+                        help="seconds between looks at the index's manifest: a generation another process "
+                             "writes (vsl index --add/--remove/--compact) is swapped in (default: 2; 0 = off)")
     parser.add_argument("--log_level", choices=("debug", "info", "warning", "error"), default="info",
                         help="uvicorn's log level")
 
@@ -41,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
 
     serve(args.index, args.host, args.port, workers=args.workers or None, batch_window_ms=args.batch_window_ms,
           max_batch=args.max_batch, thumbnails=args.thumbnails, device=args.device, demo_dir=args.demo_dir,
-          log_level=args.log_level, admin_token=args.admin_token)
+          log_level=args.log_level, admin_token=args.admin_token, watch_s=args.watch_s)
     return 0

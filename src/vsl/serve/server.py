@@ -42,19 +42,13 @@ def search_threads(workers: Optional[int] = None) -> int:
     return workers or cores
 
 
-def default_thumbnails(index) -> Optional[Path]:
-    """The pictures of the indexed images (``{split}_thumbs/``, as ``vsl make-demo-data`` and ``vsl
-    extract`` write them) when they are there; None otherwise."""
-    find = getattr(index, "split_path", None)
-    folder = find("_thumbs") if find is not None else None
-    return folder if folder is not None and folder.is_dir() else None
-
-
 def serve(index: Optional[PathLike] = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
           workers: Optional[int] = None, batch_window_ms: float = 2.0, max_batch: int = 32,
           thumbnails: Optional[PathLike] = None, device: str = "cpu", demo_dir: PathLike = "./vsl-demo",
-          log_level: str = "info", admin_token: Optional[str] = None) -> None:
+          log_level: str = "info", admin_token: Optional[str] = None, watch_s: Optional[float] = None) -> None:
     """Serve ``index`` (a folder written by ``vsl index``; None = the demo index) until interrupted."""
+    if watch_s is not None and not watch_s >= 0:
+        raise ConfigError(f"--watch_s: expected >= 0 (0 = do not follow the index's manifest), got {watch_s}")
     if max_batch < 1:
         raise ConfigError(f"--max_batch: expected >= 1 (1 = no batching), got {max_batch}")
     if not batch_window_ms >= 0:
@@ -78,8 +72,8 @@ def serve(index: Optional[PathLike] = None, host: str = DEFAULT_HOST, port: int 
         # Each search thread runs its batch with its share of the cores.
         torch.set_num_threads(max(1, search_threads() // threads))
         app = create_app(loaded, workers=threads, batch_window_ms=batch_window_ms, max_batch=max_batch,
-                         thumbnails=Path(thumbnails) if thumbnails else default_thumbnails(loaded),
-                         admin_token=admin_token)
+                         thumbnails=Path(thumbnails) if thumbnails else None,
+                         admin_token=admin_token, **({} if watch_s is None else {"watch_s": watch_s}))
         shown = f"[{host}]" if ":" in host else host
         print(f"vsl serve: {index} ({loaded.num_images:,} images) on http://{shown}:{sock.getsockname()[1]}/ "
               f"- API docs at /docs, Ctrl-C stops", flush=True)
