@@ -133,3 +133,20 @@ def test_index_images_extracts_and_indexes_a_photo_gallery_in_one_command(photo_
     assert main(["index", "--checkpoint", str(root / "model.pth.tar"), "--images", str(root / "photos"),
                  "--out", str(tmp_path / "x"), "--quiet"]) == 2                  # --weights missing
     assert "--images and --weights go together" in capsys.readouterr().err
+    # Growing by more photos: extracted into their own split of OUT/photos/, pictures and boxes per photo.
+    copy_photos(tmp_path / "more", ("horse.png", "coins.png"))
+    add = ["index", "--checkpoint", str(root / "model.pth.tar"), "--images", str(tmp_path / "more"),
+           "--weights", str(WEIGHTS), "--out", str(out), "--device", "cpu", "--quiet", "--add"]
+    assert main(add) == 0
+    grown = Index.load(out)
+    assert grown.num_images == len(PHOTOS) + 2 and grown.generation == 1
+    split = grown.picture(len(PHOTOS)).parent
+    assert split.name.startswith("add-") and split.name.endswith("_thumbs") and grown.picture(0).parent.name == \
+        "test_thumbs"
+    added_boxes = np.load(split.with_name(split.name.replace("_thumbs", "_boxes.npy")))
+    old, new = grown.explain("a horse", [0, len(PHOTOS)])
+    np.testing.assert_allclose(old["boxes"], extracted[0], atol=0.05)
+    np.testing.assert_allclose(new["boxes"], added_boxes[0], atol=0.05)
+    capsys.readouterr()
+    assert main(add) == 0
+    assert "nothing to do" in capsys.readouterr().out
