@@ -311,3 +311,19 @@ def test_serve_follows_the_manifest_and_adds_and_removes_by_api(fitted, data, tm
         assert client.get("/api/info").json()["num_images"] == 96
         r = client.post("/api/add", json={"data_path": data["data_path"], "split": "train"}, headers=auth)
         assert r.json()["already"] is True and r.json()["generation"] == 3
+
+
+def test_packed_tokens_pad_a_block_as_the_whole_list_would():
+    """Tokens.padded(lo, hi) equals pad_token_ids of those captions' id lists (four bytes a word kept)."""
+    from vsl.data import Vocabulary
+    from vsl.retrieval.build import Tokens
+    from vsl.runtime import pad_token_ids
+
+    vocab = Vocabulary(["a", "dog", "red", "car", "near"])
+    captions = ["a dog", "a red car near a dog", "car", "a zebra near a red red dog", "dog dog"] * 3
+    tokens = Tokens.encode(vocab, captions, chunk=4)
+    assert tokens.ids.dtype == np.int32 and len(tokens) == len(captions)
+    for lo, hi in ((0, 15), (3, 8), (14, 15)):
+        ids, lengths = tokens.padded(lo, hi)
+        want_ids, want_lengths = pad_token_ids([vocab.encode(c) for c in captions[lo:hi]])
+        assert ids.tolist() == want_ids.tolist() and lengths.tolist() == want_lengths.tolist()

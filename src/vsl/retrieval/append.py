@@ -23,7 +23,7 @@ import torch
 from ..errors import CheckpointError, ConfigError, DataError
 from ..fileio import atomic_write, atomic_write_text
 from ..logs import progress_bar
-from .build import _gallery, encode_gallery, word_offsets
+from .build import Tokens, _gallery, encode_gallery
 from .faiss_index import add_vectors, make_faiss, read_faiss, write_faiss
 from .grow import generation, removed_images, sweep, writer_lock
 from .segments import (caption_offsets, caption_texts, faiss_files, open_side, read_rows, segment_file, segments,
@@ -128,12 +128,11 @@ def add_to_index(out: PathLike, checkpoint: PathLike, data_path: Optional[PathLi
 
         first_image, first_caption = int(manifest["num_images"]), int(manifest["num_captions"])
         suffix, new = _next_suffix(manifest), generation(manifest) + 1
-        tokens = [loaded.vocab.encode(c) for c in gallery.captions]
+        tokens = Tokens.encode(loaded.vocab, gallery.captions)
         encode_gallery(out, suffix, loaded, gallery, tokens, options, manifest["dtype"], dev, show=progress,
                        batch_size=batch_size, block_images=block_images, block_captions=block_captions)
         if m:
-            offsets = word_offsets(tokens)
-            atomic_write(out / segment_file("offsets", suffix), lambda fh: np.save(fh, offsets))
+            atomic_write(out / segment_file("offsets", suffix), lambda fh: np.save(fh, tokens.offsets))
             atomic_write_text(out / segment_file("captions", suffix), "".join(c + "\n" for c in gallery.captions))
         old_faiss = faiss_files(manifest)
         faiss = {"images": f"images.g{new}.faiss", "captions": f"captions.g{new}.faiss"}

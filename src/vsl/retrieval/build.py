@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -21,7 +23,7 @@ import torch
 from ..config import INDEX_DTYPES
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write, atomic_write_text, check_writable
-from ..runtime import LoadedModel, caption_batches, image_batches, pad_token_ids
+from ..runtime import LoadedModel, caption_batches, image_batches
 from .faiss_index import check_index_type, make_faiss, write_faiss
 from .gallery import Gallery, feature_gallery, split_gallery
 from .grow import sweep
@@ -80,8 +82,8 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
     gallery, source = _gallery(loaded, checkpoint, data_path, split, features)
     n, m = gallery.num_images, len(gallery.captions)
     d, dim = config.embed_size, config.shortlist_dim
-    tokens = [loaded.vocab.encode(c) for c in gallery.captions]
-    offsets = word_offsets(tokens)
+    tokens = Tokens.encode(loaded.vocab, gallery.captions)
+    offsets = tokens.offsets
     options = {"format": INDEX_FORMAT, "checkpoint_sha256": sha256_file(checkpoint), "dtype": dtype,
                "index_type": index_type, "num_images": n, "num_captions": m, "embed_size": d,
                "shortlist_dim": dim, "num_regions": gallery.num_regions, "block_images": block_images,
@@ -107,12 +109,43 @@ def build_index(checkpoint: PathLike, data_path: Optional[PathLike] = None, spli
     return out
 
 
-def word_offsets(tokens) -> np.ndarray:
-    """``(m + 1,)`` int64: caption j's words are rows ``offsets[j]:offsets[j + 1]`` of the packed words."""
-    return np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int64)
+@dataclass
+class Tokens:
+    """The word ids of a gallery's captions, packed: caption j is ``ids[offsets[j]:offsets[j + 1]]``
+    (``<start>`` and ``<end>`` included), so its words are the same rows of the packed word
+    embeddings. Four bytes a word: a million images' five million captions hold a few hundred MB,
+    and a block is padded only when it is encoded."""
+
+    ids: np.ndarray          # (W,) int32
+    offsets: np.ndarray      # (m + 1,) int64
+
+    @classmethod
+    def encode(cls, vocab, captions, chunk: int = 65536) -> "Tokens":
+        parts, lengths = [], np.zeros(len(captions), dtype=np.int64)
+        for lo in range(0, len(captions), chunk):
+            encoded = [vocab.encode(c) for c in captions[lo:lo + chunk]]
+            lengths[lo:lo + len(encoded)] = [len(t) for t in encoded]
+            count = int(lengths[lo:lo + len(encoded)].sum())
+            parts.append(np.fromiter(chain.from_iterable(encoded), dtype=np.int32, count=count))
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        return cls(ids, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def padded(self, lo: int, hi: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Captions ``lo:hi`` as zero-padded ``(hi - lo, L)`` int64 ids and ``(hi - lo,)`` lengths."""
+        starts = self.offsets[lo:hi]
+        lengths = self.offsets[lo + 1:hi + 1] - starts
+        width = int(lengths.max())
+        valid = np.arange(width)[None, :] < lengths[:, None]
+        out = np.zeros((hi - lo, width), dtype=np.int64)
+        out[valid] = self.ids[(starts[:, None] + np.arange(width)[None, :])[valid]]
+        return torch.from_numpy(out), torch.from_numpy(lengths)
 
 
-def encode_gallery(out: Path, suffix: str, loaded: LoadedModel, gallery: Gallery, tokens, options: Dict[str, Any],
+def encode_gallery(out: Path, suffix: str, loaded: LoadedModel, gallery: Gallery, tokens: Tokens,
+                   options: Dict[str, Any],
                    dtype: str, dev, *, distributed=None, show: bool = True, batch_size: int = 128,
                    block_images: int = BLOCK_IMAGES, block_captions: int = BLOCK_CAPTIONS) -> None:
     """Encode ``gallery`` into the files of the segment ``suffix`` of ``out`` (:mod:`.segments`), block
@@ -123,7 +156,7 @@ def encode_gallery(out: Path, suffix: str, loaded: LoadedModel, gallery: Gallery
     rank = distributed.rank if distributed is not None else 0
     n, m = gallery.num_images, len(gallery.captions)
     d, dim = config.embed_size, config.shortlist_dim
-    offsets = word_offsets(tokens)
+    offsets = tokens.offsets
     side = f"segment{suffix}-" if suffix else ""
     img_progress = BlockProgress(out, f"{side}images", options, rank)
     cap_progress = BlockProgress(out, f"{side}captions", options, rank)
@@ -157,13 +190,13 @@ def encode_gallery(out: Path, suffix: str, loaded: LoadedModel, gallery: Gallery
 
     # Captions: word embeddings back to back, and global vectors.
     if m:
-        ids, lens = pad_token_ids(tokens)
         words = np.lib.format.open_memmap(out / names["words"], mode="r+")
         cap_global = np.lib.format.open_memmap(out / names["caption_global"], mode="r+")
 
         def write_captions(lo: int, hi: int, bar) -> None:
-            for i, j, emb, batch_lens in caption_batches(model, ids, lens, start=lo, stop=hi, batch_size=batch_size,
-                                                         bar=bar):                      # emb (b, L, d)
+            ids, lens = tokens.padded(lo, hi)                                           # one block at a time
+            for i, j, emb, batch_lens in caption_batches(model, ids, lens, batch_size=batch_size, bar=bar):
+                i, j = i + lo, j + lo                                                   # emb (b, L, d)
                 mask = torch.arange(emb.size(1)) < batch_lens.unsqueeze(1)
                 words[offsets[i]:offsets[j]] = emb.cpu()[mask].numpy().astype(store)   # row-major = caption order
                 cap_global[i:j] = model.shortlist.captions(emb, batch_lens.to(dev)).cpu().numpy()
