@@ -184,6 +184,11 @@ def test_compact_reclaims_removed_rows_keeping_ids_and_results(fitted, data, tmp
     compacted = Index.load(out)
     listed = json.loads((out / "manifest.json").read_text())["files"]
     assert sum(listed.values()) < size * 0.95 and not any(".s1." in f for f in listed)
+    # The space is reclaimed now: only the new generation's files are left.
+    assert {p.name for p in out.iterdir()} == set(listed) | {"manifest.json", "coco_precomp_vocab.json", ".lock"}
+    # A reader that read generation 2's manifest but opens its files only now gets generation 3.
+    late = Index._open(out, removed.manifest, removed.model, removed.vocab, removed.device)
+    assert late.generation == 3 and late.num_images == 36
     assert len(compacted.regions) == 32 and compacted.image_faiss.ntotal == 32
     for shortlist in (0, 10, 200):
         _same(_hits(compacted, shortlist), _hits(removed, shortlist))

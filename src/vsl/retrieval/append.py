@@ -6,9 +6,10 @@ shortlist vectors to the FAISS indexes with ids continuing after the last, and w
 generation's manifest last. The manifest's ``history`` records what each generation added, so the
 same add run again once it has finished changes nothing. A compaction rewrites the rows of the
 images still searchable into one segment with their ids (the FAISS indexes get an id map), so ids
-never change. Both hold the writer's lock (:func:`vsl.retrieval.grow.writer_lock`), write only
-files no manifest lists yet, and leave every file of the previous generation in place: a crash at
-any moment leaves the previous generation readable.
+never change. Both hold the writer's lock (:func:`vsl.retrieval.grow.writer_lock`) and write only
+files no manifest lists yet, the manifest last: a crash at any moment leaves the previous
+generation readable. An add leaves the previous generation's files in place; a compaction deletes
+them once its manifest is in place (the space is what it is for).
 """
 from __future__ import annotations
 
@@ -225,7 +226,10 @@ def compact_index(out: PathLike, progress: bool = True) -> Optional[int]:
                                                               "compacted": int(len(all_images) - len(keep_images))}]}
         result = _next_manifest(manifest, out, new, faiss_files(manifest), changes, added, dropped)
         write_manifest(out, result)
-        sweep(out, result["files"], manifest["files"])
+        # Reclaiming is the point: the previous generation's rows go now. A reader that has opened
+        # them keeps reading them (deleting an open file frees it at close); one that read the old
+        # manifest but had not opened its files yet opens the new generation (Index._open).
+        sweep(out, result["files"])
     return new
 
 

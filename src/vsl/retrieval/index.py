@@ -26,6 +26,8 @@ from .segments import caption_offsets, caption_texts, faiss_files, open_side, re
 from .store import read_manifest, sha256_file
 
 PathLike = Union[str, os.PathLike]
+#: Generations tried when the one read is replaced while it is opened.
+LOAD_ATTEMPTS = 3
 #: Images whose regions are scored at once in exhaustive search (bounds the float32 copy).
 EXHAUSTIVE_BLOCK = 2048
 
@@ -137,13 +139,26 @@ class Index:
                                   f"{manifest['checkpoint']}); pass that checkpoint or rebuild the index")
         dev = resolve_device(device)
         loaded = load_for_use(ckpt, dev, vocab_path=path, data_name=manifest["data_name"], shortlist=True)
-        return cls(path, manifest, loaded.model, loaded.vocab, dev)
+        return cls._open(path, manifest, loaded.model, loaded.vocab, dev)
+
+    @classmethod
+    def _open(cls, path: Path, manifest: Dict[str, Any], model, vocab, device) -> "Index":
+        """The Index of ``manifest``; when a writer replaced it (and deleted files it listed) between
+        reading it and opening the files, the newer generation (same checkpoint) instead."""
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                return cls(path, manifest, model, vocab, device)
+            except (DataError, OSError):
+                newer = read_manifest(path)
+                if newer == manifest or newer["checkpoint_sha256"] != manifest["checkpoint_sha256"] or \
+                        attempt == LOAD_ATTEMPTS - 1:
+                    raise
+                manifest = newer
 
     def reload(self) -> "Index":
         """A new Index of the newest generation of this folder, sharing this one's model (``self`` stays
         usable: searches in flight finish on it)."""
-        manifest = read_manifest(self.path)
-        return type(self)(self.path, manifest, self.model, self.vocab, self.device)
+        return type(self)._open(self.path, read_manifest(self.path), self.model, self.vocab, self.device)
 
     def _check_shapes(self) -> None:
         from .segments import segment_file
