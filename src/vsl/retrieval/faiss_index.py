@@ -11,7 +11,7 @@ sizes do not disturb each other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -106,26 +106,44 @@ def _ivf(index):
         return None
 
 
-def search_parameters(index, shortlist: int, selector=None):
+def _depth(name: str, value, default: int) -> int:
+    """A per-call search depth: ``default`` when None, else a positive int (ConfigError otherwise)."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def search_parameters(index, shortlist: int, selector=None, *, ef_search: Optional[int] = None,
+                      nprobe: Optional[int] = None, k_factor: Optional[int] = None):
     """Per-call FAISS search parameters for a shortlist of ``shortlist`` items (None: nothing to tune);
     ``selector`` (a FAISS IDSelector) restricts the search to the ids it accepts.
+
+    ``ef_search`` (HNSW; at least ``2 * shortlist`` is used), ``nprobe`` (IVF; at most its lists) and
+    ``k_factor`` (refined indexes: the base proposes ``k_factor * shortlist`` candidates that are
+    re-scored exactly) override the defaults :data:`HNSW_EF_SEARCH`, :data:`IVF_NPROBE` and
+    :data:`REFINE_K_FACTOR` for this call only; an option the index does not have is ignored.
 
     A refined index (factory ``...,RFlat``) takes refine parameters wrapping its base index's (FAISS
     refuses the base's parameters given to it directly); the selector goes to the base, which
     proposes the candidates the refinement re-scores."""
     import faiss
 
+    ef_search = _depth("ef_search", ef_search, HNSW_EF_SEARCH)
+    nprobe = _depth("nprobe", nprobe, IVF_NPROBE)
+    k_factor = _depth("k_factor", k_factor, REFINE_K_FACTOR)
     refine = faiss.downcast_index(index)
     if isinstance(refine, faiss.IndexRefine):
-        base = search_parameters(refine.base_index, shortlist, selector)
+        base = search_parameters(refine.base_index, shortlist, selector, ef_search=ef_search, nprobe=nprobe)
         extra = {} if base is None else {"base_index_params": base}
-        return faiss.IndexRefineSearchParameters(k_factor=REFINE_K_FACTOR, **extra)
+        return faiss.IndexRefineSearchParameters(k_factor=k_factor, **extra)
     extra = {} if selector is None else {"sel": selector}
     if _hnsw(index) is not None:
-        return faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, 2 * shortlist), **extra)
+        return faiss.SearchParametersHNSW(efSearch=max(ef_search, 2 * shortlist), **extra)
     ivf = _ivf(index)
     if ivf is not None:
-        return faiss.SearchParametersIVF(nprobe=min(ivf.nlist, IVF_NPROBE), **extra)
+        return faiss.SearchParametersIVF(nprobe=min(ivf.nlist, nprobe), **extra)
     return faiss.SearchParameters(**extra) if extra else None
 
 
@@ -142,10 +160,11 @@ def excluding(ids: np.ndarray):
     return selector
 
 
-def search(index, queries: np.ndarray, shortlist: int, selector=None) -> Tuple[np.ndarray, np.ndarray]:
+def search(index, queries: np.ndarray, shortlist: int, selector=None, **depth) -> Tuple[np.ndarray, np.ndarray]:
     """The top ``shortlist`` items of each query ``(Q, D)``: ``(scores (Q, S) float32, ids (Q, S) int64)``,
-    id -1 where an approximate index found fewer; ``selector`` (:func:`excluding`) hides ids."""
-    params = search_parameters(index, shortlist, selector)
+    id -1 where an approximate index found fewer; ``selector`` (:func:`excluding`) hides ids;
+    ``depth``: ``ef_search`` / ``nprobe`` / ``k_factor`` of this call (:func:`search_parameters`)."""
+    params = search_parameters(index, shortlist, selector, **depth)
     x = np.ascontiguousarray(queries, dtype=np.float32)
     return index.search(x, shortlist) if params is None else index.search(x, shortlist, params=params)
 
