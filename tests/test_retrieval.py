@@ -557,7 +557,7 @@ def test_concurrent_faiss_searches_with_different_depths_match_sequential_ones()
         for (d1, i1), (d2, i2), s in zip(alone, together, sizes):
             assert i1.shape == (40, s) and np.array_equal(i1, i2) and np.array_equal(d1, d2), (kind, s)
     hnsw = faiss_index.make_faiss(vectors, "hnsw")
-    assert faiss_index.search_parameters(hnsw, 500).efSearch == 1000 and hnsw.hnsw.efSearch != 1000
+    assert faiss_index.search_parameters(hnsw, 700).efSearch == 1400 and hnsw.hnsw.efSearch != 1400
 
 
 def test_search_depth_is_a_per_call_option_with_the_library_defaults():
@@ -579,6 +579,7 @@ def test_search_depth_is_a_per_call_option_with_the_library_defaults():
     assert faiss_index.search_parameters(hnsw, 10).efSearch == faiss_index.HNSW_EF_SEARCH
     assert faiss_index.search_parameters(hnsw, 10, ef_search=700).efSearch == 700
     assert faiss_index.search_parameters(hnsw, 400, ef_search=16).efSearch == 800      # never below 2 x shortlist
+    assert faiss_index.search_parameters(hnsw, 700).efSearch == 1400
     shallow = recall(faiss_index.search(hnsw, queries, 50, ef_search=16)[1])
     deep = recall(faiss_index.search(hnsw, queries, 50, ef_search=2000)[1])
     assert deep >= shallow and deep > 0.99 and hnsw.hnsw.efSearch != 2000

@@ -21,16 +21,18 @@ from ..fileio import atomic_write
 #: Named index types and their factory strings; ``{lists}`` is filled with :func:`ivf_lists` (n).
 FACTORY = {"flat": "Flat", "hnsw": "HNSW32", "ivf": "IVF{lists},Flat"}
 INDEX_TYPES = tuple(FACTORY)
-#: HNSW build/search depth; IVF lists per sqrt(n) and probes (recall ~0.99 at K=100 on the demo
-#: gallery, see the README's retrieval section).
-HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 80, 256
+#: HNSW build/search depth; IVF lists per sqrt(n) and probes. efSearch 1024: shortlist recall@100
+#: against flat 1.000 (text->image) / 0.997 (image->text) on a 1,000,000-image demo-structured gallery,
+#: where 256 gave 0.984 / 0.970 (docs/retrieval.md, "A million images on one machine").
+HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 80, 1024
 IVF_LISTS_PER_SQRT_N, IVF_NPROBE = 4, 32
 #: Training points per IVF list (FAISS wants >= 39; a larger sample is subsampled to this many).
 IVF_MIN_POINTS, IVF_SAMPLE_POINTS = 39, 256
 #: Vectors added per call (bounds the float32 copy of a memory-mapped array).
 ADD_BLOCK = 65536
-#: A refined index re-scores this many times the shortlist from its base index exactly.
-REFINE_K_FACTOR = 4
+#: A refined index re-scores this many times the shortlist from its base index exactly (4 found
+#: 0.79-0.83 of flat's top 100 with IVF1024,PQ32x4fs at 100,000 images, 16 0.89-0.99).
+REFINE_K_FACTOR = 16
 
 
 def ivf_lists(n: int) -> int:
