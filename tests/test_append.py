@@ -332,3 +332,29 @@ def test_packed_tokens_pad_a_block_as_the_whole_list_would():
         ids, lengths = tokens.padded(lo, hi)
         want_ids, want_lengths = pad_token_ids([vocab.encode(c) for c in captions[lo:hi]])
         assert ids.tolist() == want_ids.tolist() and lengths.tolist() == want_lengths.tolist()
+
+
+@pytest.mark.parametrize("index_type", ["hnsw", "IVF4,Flat", "IVF4,PQ4x4fs,RFlat"])
+def test_an_id_mapped_index_searches_with_the_same_depth_and_selector(index_type):
+    """A compacted gallery's FAISS index (an id map around the index type) takes the search depth and
+    the removed-id selector of its inner index, and answers in ids, not rows."""
+    import faiss
+
+    from vsl.retrieval.faiss_index import excluding, make_faiss, search, search_parameters
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(0, 800, 2, dtype=np.int64)
+    index = make_faiss(x, index_type, ids=ids)
+    params = search_parameters(index, 10, ef_search=77, nprobe=3, k_factor=5)
+    if index_type == "hnsw":
+        assert params.efSearch == 77
+    elif "RFlat" in index_type:
+        assert params.k_factor == 5 and faiss.downcast_index(index.index).k_factor is not None
+    else:
+        assert params.nprobe == 3
+    _, found = search(index, x[:5], 5, nprobe=4, ef_search=400, k_factor=50)
+    assert found[:, 0].tolist() == ids[:5].tolist()                 # each vector's own id, not its row
+    _, found = search(index, x[:5], 5, excluding(ids[:5]), nprobe=4, ef_search=400, k_factor=50)
+    assert not set(found.ravel().tolist()) & set(ids[:5].tolist()) and (found >= 0).all()

@@ -217,18 +217,34 @@ def test_demo_explain_benchmark_counts_the_captions_that_name_each_object(tmp_pa
 
 
 def test_bench_million_tiny_mode(tmp_path, capsys):
-    """bench_million.py --tiny: flat is the baseline (recall vs itself not reported, speed-up 1), both
-    directions are measured for every index type, and the streamed gallery files have the demo sizes."""
+    """bench_million.py --tiny: per structure (demo scenes, uniform) flat is the baseline (recall vs
+    itself not reported, ratio 1), both directions are measured for every index type, the streamed
+    gallery files have the demo sizes, and a second run reuses the built indexes."""
     import numpy as np
     bench = load_benchmark("bench_million")
     rows = bench.main(["--tiny", "--out", str(tmp_path / "g")])
-    assert [r["index"] for r in rows] == ["flat", "hnsw", "IVF16,PQ32x4fs,RFlat"]
-    assert rows[0]["t2i_speedup"] == 1.0 and "t2i_recall_vs_flat" not in rows[0]
-    for r in rows[1:]:
-        for d in ("t2i", "i2t"):
-            assert 0.5 < r[f"{d}_recall_vs_flat"] <= 1.0 and r[f"{d}_p50_ms"] > 0
+    assert [(r["structure"], r["index"]) for r in rows] == [
+        (s, t) for s in ("scenes", "uniform") for t in ("flat", "hnsw", "IVF16,PQ32x4fs,RFlat")]
+    for structure in ("scenes", "uniform"):
+        mine = [r for r in rows if r["structure"] == structure]
+        assert mine[0]["t2i_vs_flat"] == 1.0 and "t2i_recall_vs_flat" not in mine[0]
+        for r in mine[1:]:
+            for d in ("t2i", "i2t"):
+                assert 0.5 < r[f"{d}_recall_vs_flat"] <= 1.0 and r[f"{d}_p50_ms"] > 0 and r[f"{d}_first_p50_ms"] > 0
+                assert r[f"{d}_built_now"] and r[f"{d}_search_ms"] <= r[f"{d}_p50_ms"]
+        assert all(0 < r["rss_anon_mb"] <= r["peak_rss_mb"] for r in mine)
     assert np.load(tmp_path / "g" / "regions.npy", mmap_mode="r").shape == (2000, 36, 128)
+    img = np.load(tmp_path / "g" / "scenes" / "image_global.npy")
+    cap = np.load(tmp_path / "g" / "scenes" / "caption_global.npy")
+    assert img.shape == cap.shape == (2000, 128) and np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
+    # demo scenes are clustered: an image's nearest other image is far closer than in the uniform gallery
+    uni = np.load(tmp_path / "g" / "uniform" / "image_global.npy")
+    nearest = lambda x: np.sort(x[:200] @ x.T, axis=1)[:, -2].mean()
+    assert nearest(img) > nearest(uni) + 0.1
     assert "| flat |" in capsys.readouterr().out
+    again = bench.main(["--tiny", "--out", str(tmp_path / "g"), "--structure", "scenes"])
+    assert not again[1]["t2i_built_now"] and again[1]["t2i_build_s"] == rows[1]["t2i_build_s"]
+    assert again[1]["t2i_recall_vs_flat"] == rows[1]["t2i_recall_vs_flat"]
 
 
 def test_bench_grow_tiny_mode_adds_and_matches_a_rebuild(tmp_path):

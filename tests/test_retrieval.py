@@ -557,7 +557,54 @@ def test_concurrent_faiss_searches_with_different_depths_match_sequential_ones()
         for (d1, i1), (d2, i2), s in zip(alone, together, sizes):
             assert i1.shape == (40, s) and np.array_equal(i1, i2) and np.array_equal(d1, d2), (kind, s)
     hnsw = faiss_index.make_faiss(vectors, "hnsw")
-    assert faiss_index.search_parameters(hnsw, 500).efSearch == 1000 and hnsw.hnsw.efSearch != 1000
+    assert faiss_index.search_parameters(hnsw, 700).efSearch == 1400 and hnsw.hnsw.efSearch != 1400
+
+
+def test_search_depth_is_a_per_call_option_with_the_library_defaults():
+    """ef_search / nprobe / k_factor given to one search reach FAISS for that call only (the shared
+    index is untouched); omitted, the module defaults; deeper search finds at least as much of the
+    exact top 50; a bad depth is a one-line ConfigError."""
+    import faiss
+
+    from vsl.retrieval import faiss_index
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((4000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:30] + 0.3 * rng.standard_normal((30, 16)).astype(np.float32)
+    _, exact = faiss_index.search(faiss_index.make_faiss(vectors, "flat"), queries, 50)
+    recall = lambda ids: np.mean([len(np.intersect1d(a, b)) / 50 for a, b in zip(exact, ids)])
+
+    hnsw = faiss_index.make_faiss(vectors, "hnsw")
+    assert faiss_index.search_parameters(hnsw, 10).efSearch == faiss_index.HNSW_EF_SEARCH
+    assert faiss_index.search_parameters(hnsw, 10, ef_search=700).efSearch == 700
+    assert faiss_index.search_parameters(hnsw, 400, ef_search=16).efSearch == 800      # never below 2 x shortlist
+    assert faiss_index.search_parameters(hnsw, 700).efSearch == 1400
+    shallow = recall(faiss_index.search(hnsw, queries, 50, ef_search=16)[1])
+    deep = recall(faiss_index.search(hnsw, queries, 50, ef_search=2000)[1])
+    assert deep >= shallow and deep > 0.99 and hnsw.hnsw.efSearch != 2000
+
+    ivf = faiss_index.make_faiss(vectors, "IVF64,Flat")
+    assert faiss_index.search_parameters(ivf, 10).nprobe == faiss_index.IVF_NPROBE
+    assert faiss_index.search_parameters(ivf, 10, nprobe=5).nprobe == 5
+    assert faiss_index.search_parameters(ivf, 10, nprobe=10_000).nprobe == 64              # at most its lists
+    one = recall(faiss_index.search(ivf, queries, 50, nprobe=1)[1])
+    assert one < 0.9 and recall(faiss_index.search(ivf, queries, 50, nprobe=64)[1]) == 1.0
+    assert faiss.extract_index_ivf(ivf).nprobe == 1                                        # the index's own setting
+
+    refined = faiss_index.make_faiss(vectors, "IVF64,PQ8x4fs,RFlat")
+    params = faiss_index.search_parameters(refined, 10, nprobe=7, k_factor=9)
+    assert params.k_factor == 9 and params.base_index_params is not None
+    assert faiss_index.search_parameters(refined, 10).k_factor == faiss_index.REFINE_K_FACTOR
+    low = recall(faiss_index.search(refined, queries, 50, nprobe=64, k_factor=1)[1])
+    high = recall(faiss_index.search(refined, queries, 50, nprobe=64, k_factor=16)[1])
+    assert high > low and high > 0.97
+    assert recall(faiss_index.search(refined, queries, 50, nprobe=1, k_factor=16)[1]) < high   # nprobe reaches the base
+    assert faiss_index.search_parameters(faiss_index.make_faiss(vectors, "flat"), 10, ef_search=5) is None
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ConfigError, match="nprobe must be a positive integer") as err:
+            faiss_index.search(ivf, queries, 5, nprobe=bad)
+        assert "\n" not in str(err.value)
 
 
 def test_index_types_are_faiss_factory_strings_and_a_bad_one_is_one_line(tmp_path):
