@@ -38,10 +38,12 @@ class SearchHit:
     score: float
     shortlist_score: float
     captions: List[str] = field(default_factory=list)
+    #: The exact model's score; ``score`` is ``exact_score + fusion * shortlist_score`` (:mod:`vsl.rerank`).
+    exact_score: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "score": self.score, "shortlist_score": self.shortlist_score,
-                "captions": list(self.captions)}
+        return {"rank": self.rank, "id": self.id, "score": self.score, "exact_score": self.exact_score,
+                "shortlist_score": self.shortlist_score, "captions": list(self.captions)}
 
 
 @dataclass
@@ -91,6 +93,8 @@ class Index:
         self.removed_captions = (self.removed[:, None] * cpi + np.arange(cpi)).reshape(-1) if cpi else \
             np.zeros(0, dtype=np.int64)
         self._image_selector, self._caption_selector = excluding(self.removed), excluding(self.removed_captions)
+        # Score fusion (:mod:`vsl.rerank`): final = exact + fusion * shortlist, the head's stored weight.
+        self.fusion: float = float(getattr(getattr(model, "config", None), "shortlist_fusion", 0.0))
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -188,24 +192,20 @@ class Index:
         ids, lengths = pad_token_ids([self.vocab.encode(q) for q in queries])
         cap_emb = self.model.encode_captions(ids.to(self.device), lengths)             # (Q, L, d)
         cap_vec = self.model.shortlist.captions(cap_emb, lengths.to(self.device)).float()   # (Q, D)
-        Q = len(queries)
         if shortlist:
             cos, cand = search(self.image_faiss, cap_vec.cpu().numpy(), shortlist,
                                self._image_selector)                # (Q, S)
-            hit_ids, hit_scores, hit_cos = rerank(
+            hit_ids, hit_scores, hit_exact, hit_cos = rerank(
                 cand, cos, lambda uniq, query, item: self.model.sim_enc.score_pairs(
-                    self._regions(uniq), cap_emb, lengths, item, query), k)
+                    self._regions(uniq), cap_emb, lengths, item, query), k, self.fusion)
         else:
             exact = self._exhaustive_images(cap_emb, lengths)             # (Q, n)
-            exact[:, torch.from_numpy(self.removed)] = float("-inf")
-            top = torch.topk(exact, k, dim=1)
-            hit_ids, hit_scores = top.indices.numpy(), top.values.numpy()
-            hit_cos = np.einsum("qkd,qd->qk", self.image_global[hit_ids.reshape(-1)].reshape(Q, k, -1),
-                                cap_vec.cpu().numpy())
+            hit_ids, hit_scores, hit_exact, hit_cos = self._exhaustive_top(
+                exact, self.image_global, cap_vec.cpu().numpy(), self.removed, k)
         seconds = time.perf_counter() - start
         return [SearchResult(query=q, unknown_words=unknown[i], k=k, shortlist=shortlist, seconds=seconds,
                              hits=[SearchHit(rank=r + 1, id=int(hit_ids[i, r]), score=float(hit_scores[i, r]),
-                                             shortlist_score=float(hit_cos[i, r]),
+                                             shortlist_score=float(hit_cos[i, r]), exact_score=float(hit_exact[i, r]),
                                              captions=self.captions_of_image(int(hit_ids[i, r])))
                                    for r in range(hit_ids.shape[1]) if hit_ids[i, r] >= 0])
                 for i, q in enumerate(queries)]
@@ -282,31 +282,48 @@ class Index:
             raise ConfigError("no image ids given")
         ids = np.array([self._check_image_id(i) for i in image_ids], dtype=np.int64)
         k, shortlist = self._sizes(k, shortlist, self.num_captions - len(self.removed_captions))
-        Q = len(ids)
         img_emb = torch.from_numpy(np.asarray(self.regions[ids], dtype=np.float32)).to(self.device)   # (Q, R, d)
         img_vec = np.asarray(self.image_global[ids], dtype=np.float32)
         if shortlist:
             cos, cand = search(self.caption_faiss, img_vec, shortlist, self._caption_selector)                            # (Q, S)
-            hit_ids, hit_scores, hit_cos = rerank(
+            hit_ids, hit_scores, hit_exact, hit_cos = rerank(
                 cand, cos, lambda uniq, query, item: self.model.sim_enc.score_pairs(
-                    img_emb, *self._caption_words(uniq), query, item), k)
+                    img_emb, *self._caption_words(uniq), query, item), k, self.fusion)
         else:
             parts = []
             for j in range(0, self.num_captions, EXHAUSTIVE_BLOCK):
                 cap_emb, lengths = self._caption_words(np.arange(j, min(self.num_captions, j + EXHAUSTIVE_BLOCK)))
                 parts.append(self.model.similarity(img_emb, cap_emb, lengths).float().cpu())
             exact = torch.cat(parts, dim=1)
-            exact[:, torch.from_numpy(self.removed_captions)] = float("-inf")
-            top = torch.topk(exact, k, dim=1)
-            hit_ids, hit_scores = top.indices.numpy(), top.values.numpy()
-            hit_cos = np.einsum("qkd,qd->qk", self.caption_global[hit_ids.reshape(-1)].reshape(Q, k, -1), img_vec)
+            hit_ids, hit_scores, hit_exact, hit_cos = self._exhaustive_top(
+                exact, self.caption_global, img_vec, self.removed_captions, k)
         seconds = time.perf_counter() - start
         return [SearchResult(query=int(q), unknown_words=[], k=k, shortlist=shortlist, seconds=seconds,
                              hits=[SearchHit(rank=r + 1, id=int(hit_ids[i, r]), score=float(hit_scores[i, r]),
-                                             shortlist_score=float(hit_cos[i, r]),
+                                             shortlist_score=float(hit_cos[i, r]), exact_score=float(hit_exact[i, r]),
                                              captions=[self.captions[int(hit_ids[i, r])]])
                                    for r in range(hit_ids.shape[1]) if hit_ids[i, r] >= 0])
                 for i, q in enumerate(ids)]
+
+    def _exhaustive_top(self, exact: torch.Tensor, gallery_global: np.ndarray, query_vecs: np.ndarray,
+                        removed: np.ndarray, k: int) -> Tuple[np.ndarray, ...]:
+        """The best ``k`` of ``exact`` ``(Q, N)`` (every gallery item scored) by the fused score:
+        ``(ids, scores, exact scores, shortlist cosines)``, each ``(Q, k)``."""
+        from ..rerank import reranked_score
+
+        Q = exact.shape[0]
+        if self.fusion:       # every item's cosine: the fused ranking of a shortlist of the whole gallery
+            cos_all = torch.from_numpy(query_vecs @ np.asarray(gallery_global, dtype=np.float32).T)
+            final = reranked_score(exact, cos_all, self.fusion)
+        else:
+            final = exact
+        final[:, torch.from_numpy(removed)] = float("-inf")
+        top = torch.topk(final, k, dim=1)
+        hit_ids = top.indices.numpy()
+        hit_exact = np.take_along_axis(exact.numpy(), hit_ids, 1)
+        hit_cos = np.einsum("qkd,qd->qk", np.asarray(gallery_global[hit_ids.reshape(-1)], dtype=np.float32)
+                            .reshape(Q, k, -1), query_vecs)
+        return hit_ids, top.values.numpy(), hit_exact, hit_cos
 
     def _caption_words(self, caption_ids: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Zero-padded word embeddings ``(len, L, d)`` float32 and lengths ``(len,)`` of ``caption_ids``."""
