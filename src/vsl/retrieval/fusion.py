@@ -20,7 +20,7 @@ from .. import metrics
 from ..data import split_files
 from ..errors import DataError
 from ..precision import precision_context
-from ..rerank import fused_ranks, two_stage_parts
+from ..rerank import TwoStageParts, fused_ranks, two_stage_parts
 from ..runtime import LoadedModel, encode_split
 
 PathLike = Union[str, os.PathLike]
@@ -63,16 +63,24 @@ def choose_fusion(loaded: LoadedModel, data_path: PathLike, split: str = "dev", 
     with precision_context(loaded.config.precision, loaded.model.device):
         parts = two_stage_parts(loaded.model, emb, k)
     del emb
+    lam, rows = best_fusion(parts, grid, opened.dataset.captions_per_image)
+    plain = next((r["rsum"] for r in rows if r["lambda"] == 0.0), None)
+    fused = next(r["rsum"] for r in rows if r["lambda"] == lam)
+    return {"lambda": lam, "split": split, "k": int(parts.i2t_top.shape[1]), "images": opened.dataset.num_images,
+            "rsum": {"plain": plain, "fused": fused}, "grid": rows}
+
+
+def best_fusion(parts: TwoStageParts, grid: Sequence[float], captions_per_image: int):
+    """``(lambda, rows)``: the weight of ``grid`` with the highest rsum of the two-stage ranking of
+    ``parts`` (the smallest on a tie), and one row ``{"lambda", "i2t_r1", ..., "rsum"}`` per weight
+    in increasing order."""
     grid = sorted({float(x) for x in grid})
-    i2t_ranks, t2i_ranks = fused_ranks(parts, grid, opened.dataset.captions_per_image)
+    i2t_ranks, t2i_ranks = fused_ranks(parts, grid, captions_per_image)
     table = rsum_of_ranks(i2t_ranks, t2i_ranks)
     best = int(np.argmax(table["rsum"]))                 # the first maximum: the smallest weight
     rows = [{"lambda": lam, **{name: float(values[g]) for name, values in table.items()}}
             for g, lam in enumerate(grid)]
-    plain = rows[grid.index(0.0)]["rsum"] if 0.0 in grid else None
-    return {"lambda": grid[best], "split": split, "k": int(parts.i2t_top.shape[1]),
-            "images": opened.dataset.num_images, "rsum": {"plain": plain, "fused": rows[best]["rsum"]},
-            "grid": rows}
+    return grid[best], rows
 
 
 def format_fusion(summary: Dict[str, Any]) -> str:
