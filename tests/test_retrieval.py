@@ -333,7 +333,7 @@ def test_image_search_returns_captions(index_dir):
     exhaustive = index.search_image([2], k=4, shortlist=0)[0]
     assert exhaustive.hits[0].score >= result.hits[0].score - 1e-6
     d = result.to_dict()
-    assert set(d["results"][0]) == {"rank", "id", "score", "shortlist_score", "captions"}
+    assert set(d["results"][0]) == {"rank", "id", "score", "exact_score", "shortlist_score", "captions"}
 
 
 def test_search_cli_json_and_clamping(index_dir, capsys):

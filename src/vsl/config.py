@@ -93,6 +93,8 @@ class Config:
     shortlist_epochs: int = 20                 # vsl fit-shortlist: epochs over the frozen embeddings
     shortlist_batch_size: int = 256            # vsl fit-shortlist: captions per step
     shortlist_learning_rate: float = 0.001     # vsl fit-shortlist: Adam, cosine decay to 0
+    shortlist_fusion: float = 0.0              # lambda of two-stage scores exact + lambda * cosine; 0 = exact
+                                               # (vsl fit-shortlist --fit_fusion chooses it on dev)
 
     # --- run ---
     seed: int = 0
@@ -137,6 +139,8 @@ class Config:
         if not (self.shortlist_temperature > 0 and self.shortlist_learning_rate > 0):
             raise ConfigError(f"shortlist_temperature and shortlist_learning_rate must be positive, got "
                               f"{self.shortlist_temperature} and {self.shortlist_learning_rate}")
+        if not (isinstance(self.shortlist_fusion, (int, float)) and 0 <= self.shortlist_fusion < float("inf")):
+            raise ConfigError(f"shortlist_fusion must be a finite number >= 0, got {self.shortlist_fusion!r}")
         if self.shortlist_weight > 0 and self.shortlist_dim == 0:
             # Asking for the head's loss asks for the head: give it the default size.
             self.shortlist_dim = SHORTLIST_DIM

@@ -6,6 +6,7 @@ paired bootstrap over test queries), :mod:`~vsl.ablate.report` (rows, summary, t
 :mod:`~vsl.ablate.run` (``prepare`` / ``run_study`` and the command's options).
 """
 from .run import prepare, run_study
+from .stats import paired_bootstrap, query_contributions
 from .studies import STUDIES, get_study
 
-__all__ = ["STUDIES", "get_study", "prepare", "run_study"]
+__all__ = ["STUDIES", "get_study", "prepare", "run_study", "paired_bootstrap", "query_contributions"]

@@ -110,4 +110,26 @@ def format_shortlist(result: Dict) -> str:
         ex = result["exhaustive"]
         lines += ["exhaustive scoring of the same embeddings:", metrics.format_table(ex),
                   f"exhaustive scoring {ex['seconds_scoring']:.1f} s for {ex['pairs_scored']:,} pairs"]
+    if "fusion" in result:
+        lines.append(format_fusion_comparison(result["fusion"]))
+    return "\n".join(lines)
+
+
+def format_fusion_comparison(fusion: Dict) -> str:
+    """The rankings of ``--compare_exhaustive`` side by side, then their paired differences (95% intervals)."""
+    from .. import metrics
+
+    names = list(metrics.TABLE_METRICS)
+    labels = {"exhaustive": "exhaustive", "two_stage": "two-stage (lambda 0)",
+              "fused": f"fused (lambda {fusion['lambda']:.4g})"}
+    width = max(len(v) for v in labels.values()) + 2
+    lines = ["rankings of the same embeddings (exact + lambda * shortlist cosine on each shortlist):",
+             f"  {'':<{width}}" + "".join(f"{n:>9}" for n in names)]
+    for key, label in labels.items():
+        lines.append(f"  {label:<{width}}" + "".join(f"{fusion['rankings'][key][n]:9.2f}" for n in names))
+    lines.append("paired differences over test images (bootstrap 95% interval):")
+    for pair, diffs in fusion["paired"].items():
+        cells = ", ".join(f"{n} {diffs[n]['diff']:+.2f} [{diffs[n]['ci95'][0]:+.2f}, {diffs[n]['ci95'][1]:+.2f}]"
+                          for n in ("i2t_r1", "t2i_r1", "rsum"))
+        lines.append(f"  {pair.replace('_', '-'):<24} {cells}")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_write, check_writable
 from ..logs import progress_bar
 from ..precision import precision_context
-from ..rerank import two_stage_scores
+from ..rerank import two_stage_matrices, two_stage_parts
 from ..runtime import encode_split, load_for_use
 from .encode import score
 from .sharding import image_shard
@@ -57,10 +57,14 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
 
     ``shortlist`` K (two-stage scoring, ``vsl eval --shortlist K``; one checkpoint with a shortlist
     head, one process): each query's top K by the shortlist head are re-ranked by the exact model,
-    the rest follow by shortlist score (:func:`vsl.rerank.two_stage_scores`); the result adds
-    ``"shortlist"`` ``{"k", "recall_i2t", "recall_t2i", "recall": {"i2t": {K: pct}, "t2i": {...}},
-    "pairs_scored", "pairs_total", "seconds"}`` and, with ``compare_exhaustive``, ``"exhaustive"``
-    (the exhaustive metrics of the same embeddings, with ``pairs_scored`` and ``seconds_scoring``).
+    the rest follow by shortlist score (:func:`vsl.rerank.two_stage_matrices`); a shortlisted pair
+    scores ``exact + lambda * shortlist`` with the checkpoint's fusion weight (``shortlist_fusion``,
+    0 = exact), so the usual table is the fused ranking's. The result adds ``"shortlist"`` ``{"k",
+    "fusion", "recall_i2t", "recall_t2i", "recall": {"i2t": {K: pct}, "t2i": {...}}, "pairs_scored",
+    "pairs_total", "seconds"}`` and, with ``compare_exhaustive``, ``"exhaustive"`` (the exhaustive
+    metrics of the same embeddings, with ``pairs_scored`` and ``seconds_scoring``) and ``"fusion"``
+    (exhaustive, plain two-stage and fused rankings side by side with paired bootstrap intervals over
+    the test images, :func:`_compare`).
     """
     start = time.perf_counter()
     if shortlist is not None:
@@ -99,8 +103,9 @@ def evaluate(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = No
         result = metrics.protocol_result(scores, protocol, cpi)
     result.update(protocol=protocol, split=split, checkpoints=[str(m.path) for m in loaded],
                   images=num_images, captions=num_images * cpi)
-    if "exhaustive" in result:                      # after the usual keys, as before
-        result["exhaustive"] = result.pop("exhaustive")
+    for key in ("exhaustive", "fusion"):            # after the usual keys, as before
+        if key in result:
+            result[key] = result.pop(key)
     if save_sims is not None and dist_info.is_main:
         write_npy(save_sims, scores[0].astype(np.float32))
     if save_ranks is not None and dist_info.is_main:
@@ -145,20 +150,29 @@ def _check_two_stage(checkpoints: Sequence[PathLike], shortlist, distributed, sa
 
 def _two_stage(loaded, emb, blocks, protocol: str, cpi: int, k: int, compare_exhaustive: bool, progress: bool,
                start: float):
-    """Two-stage scores of every block (``(i2t, t2i)`` matrix pairs) and their protocol result."""
-    scores, pairs, recalls = [], 0, []
+    """Two-stage scores of every block (``(i2t, t2i)`` matrix pairs) and their protocol result.
+
+    The ranking is by the checkpoint's fused score (``Config.shortlist_fusion``; 0 = exact scores).
+    With ``compare_exhaustive`` the result adds ``"exhaustive"`` and ``"fusion"`` (:func:`_compare`)."""
+    fusion = float(loaded.config.shortlist_fusion)
+    scores, plain, pairs, recalls = [], [], 0, []
     with precision_context(loaded.config.precision, loaded.model.device):
         for img_s, cap_s in blocks:
-            i2t_sims, t2i_sims, scored, img_vecs, cap_vecs = two_stage_scores(loaded.model, emb.subset(img_s, cap_s), k)
-            scores.append((i2t_sims, t2i_sims))
-            pairs += scored
-            recalls.append(metrics.shortlist_recall(img_vecs, cap_vecs, cpi, sorted({*metrics.REPORT_KS, k})))
+            parts = two_stage_parts(loaded.model, emb.subset(img_s, cap_s), k)
+            keep_plain = compare_exhaustive and fusion != 0
+            scores.append(two_stage_matrices(parts, fusion, consume=not keep_plain))
+            if keep_plain:                                # the same shortlists and exact scores, lambda 0
+                plain.append(two_stage_matrices(parts, 0.0, consume=True))
+            pairs += parts.pairs
+            recalls.append(metrics.shortlist_recall(parts.image_vecs, parts.caption_vecs, cpi,
+                                                    sorted({*metrics.REPORT_KS, k})))
+            del parts
     result = metrics.protocol_result(scores, protocol, cpi)
     recall = {d: {n: float(np.mean([r[d][n] for r in recalls])) for n in recalls[0][d]} for d in ("i2t", "t2i")}
     total = sum((s.stop - s.start) * (c.stop - c.start) for s, c in blocks)
-    result["shortlist"] = {"k": k, "recall_i2t": recall["i2t"][str(k)], "recall_t2i": recall["t2i"][str(k)],
-                           "recall": recall, "pairs_scored": pairs, "pairs_total": total,
-                           "seconds": time.perf_counter() - start}
+    result["shortlist"] = {"k": k, "fusion": fusion, "recall_i2t": recall["i2t"][str(k)],
+                           "recall_t2i": recall["t2i"][str(k)], "recall": recall, "pairs_scored": pairs,
+                           "pairs_total": total, "seconds": time.perf_counter() - start}
     if compare_exhaustive:
         t0 = time.perf_counter()
         bar = progress_bar(total, "score exhaustive", enabled=progress, unit="pair", unit_scale=True)
@@ -169,7 +183,32 @@ def _two_stage(loaded, emb, blocks, protocol: str, cpi: int, k: int, compare_exh
         exhaustive.pop("folds", None)
         exhaustive.update(pairs_scored=total, seconds_scoring=time.perf_counter() - t0)
         result["exhaustive"] = exhaustive
+        result["fusion"] = _compare({"exhaustive": sims, "two_stage": plain or scores, "fused": scores},
+                                    fusion, protocol, cpi)
     return scores, result
+
+
+#: The paired differences of ``--compare_exhaustive``: (arm, baseline) of the rankings compared.
+COMPARISONS = (("fused", "exhaustive"), ("fused", "two_stage"), ("two_stage", "exhaustive"))
+
+
+def _compare(rankings: Dict[str, List], fusion: float, protocol: str, cpi: int) -> Dict:
+    """Exhaustive, plain two-stage (lambda 0) and fused rankings side by side, with paired bootstrap
+    intervals over the test images (:func:`vsl.ablate.paired_bootstrap`).
+
+    Returns ``{"lambda", "rankings": {name: {metric: value}}, "paired": {"fused-exhaustive": {metric:
+    {"diff", "ci95"}}, ...}}`` (metrics: R@1/5/10 of both directions and rsum)."""
+    from ..ablate import paired_bootstrap, query_contributions
+
+    contributions = {name: query_contributions(*metrics.protocol_ranks(blocks, protocol, cpi))
+                     for name, blocks in rankings.items()}
+    table = {name: metrics.flat_metrics(metrics.protocol_result(blocks, protocol, cpi))
+             for name, blocks in rankings.items()}
+    paired = {}
+    for arm, base in COMPARISONS:
+        diffs = paired_bootstrap([contributions[arm]], [contributions[base]])
+        paired[f"{arm}-{base}"] = {m: {"diff": d["diff"], "ci95": d["ci95"]} for m, d in diffs.items()}
+    return {"lambda": fusion, "rankings": table, "paired": paired}
 
 
 def evaluate_shortlist(checkpoints: Sequence[PathLike], data_path: Optional[PathLike] = None, split: str = "test",

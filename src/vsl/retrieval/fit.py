@@ -30,7 +30,8 @@ from ..logs import progress_bar
 from ..metrics import REPORT_KS, shortlist_recall
 from ..models import build_model
 from ..models.shortlist import ShortlistHead, masked_mean, shortlist_loss
-from ..runtime import caption_batches, image_batches, load_for_use, pad_token_ids, padded_words
+from ..runtime import LoadedModel, caption_batches, image_batches, load_for_use, pad_token_ids, padded_words
+from .fusion import FUSION_K, check_split, choose_fusion
 
 PathLike = Union[str, os.PathLike]
 #: Bytes of one stored embedding value (float16).
@@ -169,6 +170,7 @@ def fit_shortlist(checkpoint: PathLike, data_path: Optional[PathLike] = None, ou
                   epochs: Optional[int] = None, batch_size: Optional[int] = None,
                   learning_rate: Optional[float] = None, temperature: Optional[float] = None, seed: int = 0,
                   eval_split: Optional[str] = "dev", max_memory_gb: float = MAX_MEMORY_GB,
+                  fit_fusion: bool = False, keep_head: bool = False, fusion_k: int = FUSION_K,
                   progress: bool = True) -> Dict[str, Any]:
     """Fit a shortlist head on the training split of a frozen ``checkpoint`` and write ``out``.
 
@@ -178,28 +180,84 @@ def fit_shortlist(checkpoint: PathLike, data_path: Optional[PathLike] = None, ou
     data has it) is returned and stored in the checkpoint. The frozen training embeddings are kept in
     at most ``max_memory_gb`` (a random subset of the training images beyond that, said on stderr).
 
+    ``fit_fusion``: then choose the fusion weight lambda of two-stage scores on ``eval_split``
+    (:func:`vsl.retrieval.fusion.choose_fusion`, shortlists of ``fusion_k``) and store it with the
+    head (``Config.shortlist_fusion``); otherwise a new head gets lambda 0 (a weight chosen for
+    another head does not carry over). ``keep_head`` (with ``fit_fusion``): keep the checkpoint's
+    head, train nothing, only choose lambda.
+
     Returns ``{"out", "seconds", "encode_seconds", "loss_history", "recall": {"i2t": {...}, "t2i": {...}},
-    "train_images", "config": {shortlist fields}}``.
+    "train_images", "config": {shortlist fields}, "fusion": choose_fusion's summary or None}``.
     """
     start = time.time()
     out = Path(out)
     check_writable(out, "file")
+    if keep_head and not fit_fusion:
+        raise ConfigError("--keep_head keeps the checkpoint's shortlist head and only chooses the fusion weight: "
+                          "give --fit_fusion with it")
+    if isinstance(fusion_k, bool) or not isinstance(fusion_k, int) or fusion_k < 1:
+        raise ConfigError(f"--fusion_k must be a positive number of candidates, got {fusion_k!r}")
     dev = resolve_device(device)
-    loaded = load_for_use(checkpoint, dev, vocab_path, data_name)
+    loaded = load_for_use(checkpoint, dev, vocab_path, data_name, shortlist=keep_head)
     config = loaded.config
     if not max_memory_gb > 0:
         raise ConfigError(f"max_memory_gb must be positive, got {max_memory_gb}")
-    fields = dict(shortlist_dim=dim or config.shortlist_dim or SHORTLIST_DIM,
-                  shortlist_hidden=config.shortlist_hidden if hidden is None else hidden,
-                  shortlist_loss=loss or config.shortlist_loss,
-                  shortlist_epochs=epochs or config.shortlist_epochs,
-                  shortlist_batch_size=batch_size or config.shortlist_batch_size,
-                  shortlist_learning_rate=learning_rate or config.shortlist_learning_rate,
-                  shortlist_temperature=temperature or config.shortlist_temperature)
-    if fields["shortlist_loss"] not in SHORTLIST_LOSSES:
-        raise ConfigError(f"shortlist loss must be one of {SHORTLIST_LOSSES}, got {fields['shortlist_loss']!r}")
-    config = config.replace(**fields)                  # validates the values (one-line ConfigError)
     data_path = data_path if data_path is not None else config.data_path
+    if fit_fusion:
+        if eval_split is None:
+            raise ConfigError("--fit_fusion chooses the fusion weight on the evaluation split; give one")
+        check_split(data_path, config.data_name, eval_split)         # before the training, not after it
+    ckpt = read_checkpoint(checkpoint)
+    extra = dict(ckpt["extra"])
+    if keep_head:
+        fields = {name: getattr(config, name) for name in _HEAD_FIELDS}
+        head, history, kept, encode_seconds = loaded.model.shortlist, [], None, 0.0
+        recall = (extra.get("shortlist_fit") or {}).get("recall")
+    else:
+        fields = dict(shortlist_dim=dim or config.shortlist_dim or SHORTLIST_DIM,
+                      shortlist_hidden=config.shortlist_hidden if hidden is None else hidden,
+                      shortlist_loss=loss or config.shortlist_loss,
+                      shortlist_epochs=epochs or config.shortlist_epochs,
+                      shortlist_batch_size=batch_size or config.shortlist_batch_size,
+                      shortlist_learning_rate=learning_rate or config.shortlist_learning_rate,
+                      shortlist_temperature=temperature or config.shortlist_temperature)
+        if fields["shortlist_loss"] not in SHORTLIST_LOSSES:
+            raise ConfigError(f"shortlist loss must be one of {SHORTLIST_LOSSES}, got {fields['shortlist_loss']!r}")
+        config = config.replace(**fields)                  # validates the values (one-line ConfigError)
+        head, history, kept, cpi, encode_seconds = _train_head_of(loaded, config, data_path, seed, max_memory_gb,
+                                                                  dev, progress, start)
+        recall = None
+        if eval_split is not None:
+            recall = split_recall(loaded.model, head, data_path, config.data_name, eval_split, loaded.vocab,
+                                  progress=progress)
+        extra["shortlist_fit"] = {"source": str(checkpoint), "epochs": config.shortlist_epochs,
+                                  "loss_history": history, "recall": recall, "train_images": kept,
+                                  "train_captions": kept * cpi}
+    # The output model: the checkpoint's weights, untouched, plus the head (fitted or kept).
+    model = build_model(config.replace(shortlist_fusion=0.0))
+    load_state(model, ckpt["model"], checkpoint, head.state_dict())
+    fusion = None
+    if fit_fusion:
+        fusion = choose_fusion(LoadedModel(loaded.path, model.to(dev).eval(), model.config, loaded.vocab),
+                               data_path, eval_split, k=fusion_k, progress=progress)
+        extra["shortlist_fusion_fit"] = fusion
+    else:
+        extra.pop("shortlist_fusion_fit", None)
+    config = config.replace(shortlist_fusion=fusion["lambda"] if fusion else 0.0)
+    save_checkpoint(out, model, config, epoch=ckpt["epoch"], iteration=ckpt["iteration"],
+                    best_rsum=ckpt["best_rsum"], extra=extra)
+    return {"out": str(out), "seconds": time.time() - start, "encode_seconds": encode_seconds,
+            "loss_history": history, "recall": recall, "train_images": kept, "config": fields, "fusion": fusion}
+
+
+#: The head's options, which a kept head keeps.
+_HEAD_FIELDS = ("shortlist_dim", "shortlist_hidden", "shortlist_loss", "shortlist_epochs", "shortlist_batch_size",
+                "shortlist_learning_rate", "shortlist_temperature")
+
+
+def _train_head_of(loaded, config, data_path, seed: int, max_memory_gb: float, dev, progress: bool, start: float):
+    """A new head trained on the frozen training embeddings: ``(head, loss history, images kept,
+    captions per image, encoding seconds)``."""
     opened = loaded.open_split(data_path, "train")
     train_set = opened.dataset
     frozen, kept = frozen_embeddings(loaded.model, opened.images, opened.token_ids,
@@ -215,23 +273,7 @@ def fit_shortlist(checkpoint: PathLike, data_path: Optional[PathLike] = None, ou
     history = train_head(head, frozen, epochs=config.shortlist_epochs, batch_size=config.shortlist_batch_size,
                          learning_rate=config.shortlist_learning_rate, loss=config.shortlist_loss,
                          temperature=config.shortlist_temperature, seed=seed, device=dev, progress=progress)
-    del frozen
-    recall = None
-    if eval_split is not None:
-        recall = split_recall(loaded.model, head, data_path, config.data_name, eval_split, loaded.vocab,
-                              progress=progress)
-    # The output model: the checkpoint's weights, untouched, plus the fitted head.
-    ckpt = read_checkpoint(checkpoint)
-    model = build_model(config)
-    load_state(model, ckpt["model"], checkpoint, head.state_dict())
-    summary = {"source": str(checkpoint), "epochs": config.shortlist_epochs, "loss_history": history,
-               "recall": recall, "train_images": kept, "train_captions": kept * train_set.captions_per_image}
-    extra = dict(ckpt["extra"])
-    extra["shortlist_fit"] = summary
-    save_checkpoint(out, model, config, epoch=ckpt["epoch"], iteration=ckpt["iteration"],
-                    best_rsum=ckpt["best_rsum"], extra=extra)
-    return {"out": str(out), "seconds": time.time() - start, "encode_seconds": encode_seconds,
-            "loss_history": history, "recall": recall, "train_images": kept, "config": fields}
+    return head, history, kept, train_set.captions_per_image, encode_seconds
 
 
 def split_recall(model, head: ShortlistHead, data_path: PathLike, data_name: str, split: str, vocab, *,

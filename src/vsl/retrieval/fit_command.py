@@ -5,6 +5,7 @@ import argparse
 
 from ..config import SHORTLIST_LOSSES, Config
 from .fit import MAX_MEMORY_GB
+from .fusion import FUSION_K
 
 
 def _default(name: str):
@@ -17,6 +18,10 @@ split of a frozen checkpoint -- published or vsl format -- and write a checkpoin
 original weights unchanged plus the head:
 
   vsl fit-shortlist --checkpoint SGR+VSL_COCO.pth.tar --data_path DATA --vocab_path VOCAB --out SGR_sl.pth.tar
+
+--fit_fusion then chooses the fusion weight lambda of two-stage scores (exact + lambda * shortlist
+cosine) on the dev split and stores it with the head; --keep_head --fit_fusion only chooses lambda
+for the head a checkpoint already has.
 """
 
 
@@ -42,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_memory_gb", type=float, default=MAX_MEMORY_GB,
                         help="memory for the frozen training embeddings; beyond it a random subset of the training "
                              "images is used (default: %(default)s)")
+    parser.add_argument("--fit_fusion", action="store_true",
+                        help="after fitting, choose the weight lambda of final = exact + lambda * shortlist on the dev "
+                             "split (max. dev rsum of the two-stage ranking) and store it with the head (default: off, "
+                             "lambda 0 = exact scores only)")
+    parser.add_argument("--keep_head", action="store_true",
+                        help="with --fit_fusion: keep the checkpoint's head, only choose lambda (default: off)")
+    parser.add_argument("--fusion_k", type=int, default=FUSION_K,
+                        help="shortlist size of the two-stage ranking that --fit_fusion optimizes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and batches")
     parser.add_argument("--device", default="auto", help="auto = cuda if available, else cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
@@ -54,13 +67,24 @@ def run(args: argparse.Namespace) -> int:
                            data_name=args.data_name, device=args.device, dim=args.shortlist_dim,
                            hidden=args.shortlist_hidden, loss=args.shortlist_loss, epochs=args.epochs,
                            batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-                           max_memory_gb=args.max_memory_gb, progress=not args.quiet)
+                           max_memory_gb=args.max_memory_gb, fit_fusion=args.fit_fusion, keep_head=args.keep_head,
+                           fusion_k=args.fusion_k, progress=not args.quiet)
     kind = (f"{result['config']['shortlist_hidden']}-unit" if result["config"]["shortlist_hidden"] else "linear")
-    print(f"fitted a {result['config']['shortlist_dim']}-d {kind} shortlist head ({result['config']['shortlist_loss']}, "
-          f"{len(result['loss_history'])} epochs, final loss {result['loss_history'][-1]:.4f}) in "
-          f"{result['seconds']:.1f} s")
+    if result["loss_history"]:
+        print(f"fitted a {result['config']['shortlist_dim']}-d {kind} shortlist head "
+              f"({result['config']['shortlist_loss']}, {len(result['loss_history'])} epochs, final loss "
+              f"{result['loss_history'][-1]:.4f}) in {result['seconds']:.1f} s")
+    else:
+        print(f"kept the checkpoint's {result['config']['shortlist_dim']}-d {kind} shortlist head")
     if result["recall"]:
         print(format_recall(result["recall"], "dev"))
+    if result["fusion"]:
+        from .fusion import format_fusion
+
+        fusion = result["fusion"]
+        print(format_fusion(fusion))
+        print(f"fusion weight lambda = {fusion['lambda']:.4g}: dev rsum {fusion['rsum']['fused']:.2f} "
+              f"(lambda 0: {fusion['rsum']['plain']:.2f})")
     print(f"wrote {result['out']}")
     return 0
 

@@ -41,10 +41,12 @@ class SearchHit:
     score: float
     shortlist_score: float
     captions: List[str] = field(default_factory=list)
+    #: The exact model's score; ``score`` is ``exact_score + fusion * shortlist_score`` (:mod:`vsl.rerank`).
+    exact_score: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "score": self.score, "shortlist_score": self.shortlist_score,
-                "captions": list(self.captions)}
+        return {"rank": self.rank, "id": self.id, "score": self.score, "exact_score": self.exact_score,
+                "shortlist_score": self.shortlist_score, "captions": list(self.captions)}
 
 
 @dataclass
@@ -115,6 +117,8 @@ class Index:
         self._removed_image_rows = self.image_rows.rows(self.removed[self.image_rows.present(self.removed)])
         self._removed_caption_rows = self.caption_rows.rows(
             self.removed_captions[self.caption_rows.present(self.removed_captions)])
+        # Score fusion (:mod:`vsl.rerank`): final = exact + fusion * shortlist, the head's stored weight.
+        self.fusion: float = float(getattr(getattr(model, "config", None), "shortlist_fusion", 0.0))
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -235,20 +239,17 @@ class Index:
         if shortlist:
             cos, cand = search(self.image_faiss, cap_vec.cpu().numpy(), shortlist,
                                self._image_selector)                # (Q, S)
-            hit_ids, hit_scores, hit_cos = rerank(
+            hit_ids, hit_scores, hit_exact, hit_cos = rerank(
                 cand, cos, lambda uniq, query, item: self.model.sim_enc.score_pairs(
-                    self._regions(uniq), cap_emb, lengths, item, query), k)
+                    self._regions(uniq), cap_emb, lengths, item, query), k, self.fusion)
         else:
             exact = self._exhaustive_images(cap_emb, lengths)             # (Q, rows)
-            exact[:, torch.from_numpy(self._removed_image_rows)] = float("-inf")
-            top = torch.topk(exact, k, dim=1)
-            rows, hit_scores = top.indices.numpy(), top.values.numpy()
-            hit_ids = self.image_rows.ids_of(rows)
-            hit_cos = np.einsum("qkd,qd->qk", self.image_global[rows], cap_vec.cpu().numpy())
+            hit_ids, hit_scores, hit_exact, hit_cos = self._exhaustive_top(
+                exact, self.image_global, self.image_rows, cap_vec.cpu().numpy(), self._removed_image_rows, k)
         seconds = time.perf_counter() - start
         return [SearchResult(query=q, unknown_words=unknown[i], k=k, shortlist=shortlist, seconds=seconds,
                              hits=[SearchHit(rank=r + 1, id=int(hit_ids[i, r]), score=float(hit_scores[i, r]),
-                                             shortlist_score=float(hit_cos[i, r]),
+                                             shortlist_score=float(hit_cos[i, r]), exact_score=float(hit_exact[i, r]),
                                              captions=self.captions_of_image(int(hit_ids[i, r])))
                                    for r in range(hit_ids.shape[1]) if hit_ids[i, r] >= 0])
                 for i, q in enumerate(queries)]
@@ -347,27 +348,43 @@ class Index:
         img_vec = np.asarray(self.image_global[self.image_rows.rows(ids)], dtype=np.float32)
         if shortlist:
             cos, cand = search(self.caption_faiss, img_vec, shortlist, self._caption_selector)                            # (Q, S)
-            hit_ids, hit_scores, hit_cos = rerank(
+            hit_ids, hit_scores, hit_exact, hit_cos = rerank(
                 cand, cos, lambda uniq, query, item: self.model.sim_enc.score_pairs(
-                    img_emb, *self._caption_words(uniq), query, item), k)
+                    img_emb, *self._caption_words(uniq), query, item), k, self.fusion)
         else:
             parts, m = [], len(self.caption_global)
             for j in range(0, m, EXHAUSTIVE_BLOCK):
                 cap_emb, lengths = self._caption_word_rows(np.arange(j, min(m, j + EXHAUSTIVE_BLOCK)))
                 parts.append(self.model.similarity(img_emb, cap_emb, lengths).float().cpu())
             exact = torch.cat(parts, dim=1)                                              # (Q, caption rows)
-            exact[:, torch.from_numpy(self._removed_caption_rows)] = float("-inf")
-            top = torch.topk(exact, k, dim=1)
-            rows, hit_scores = top.indices.numpy(), top.values.numpy()
-            hit_ids = self.caption_rows.ids_of(rows)
-            hit_cos = np.einsum("qkd,qd->qk", self.caption_global[rows], img_vec)
+            hit_ids, hit_scores, hit_exact, hit_cos = self._exhaustive_top(
+                exact, self.caption_global, self.caption_rows, img_vec, self._removed_caption_rows, k)
         seconds = time.perf_counter() - start
         return [SearchResult(query=int(q), unknown_words=[], k=k, shortlist=shortlist, seconds=seconds,
                              hits=[SearchHit(rank=r + 1, id=int(hit_ids[i, r]), score=float(hit_scores[i, r]),
-                                             shortlist_score=float(hit_cos[i, r]),
+                                             shortlist_score=float(hit_cos[i, r]), exact_score=float(hit_exact[i, r]),
                                              captions=[self.captions[int(self.caption_rows.rows(hit_ids[i, r]))]])
                                    for r in range(hit_ids.shape[1]) if hit_ids[i, r] >= 0])
                 for i, q in enumerate(ids)]
+
+    def _exhaustive_top(self, exact: torch.Tensor, gallery_global, rows_map, query_vecs: np.ndarray,
+                        removed_rows: np.ndarray, k: int) -> Tuple[np.ndarray, ...]:
+        """The best ``k`` of ``exact`` ``(Q, rows)`` (every gallery row scored) by the fused score:
+        ``(ids, scores, exact scores, shortlist cosines)``, each ``(Q, k)``; ``gallery_global`` the
+        rows' shortlist vectors (:class:`.segments.Stacked`), ``rows_map`` their ids (:class:`.segments.Rows`)."""
+        from ..rerank import reranked_score
+
+        if self.fusion:       # every item's cosine: the fused ranking of a shortlist of the whole gallery
+            everything = np.asarray(gallery_global[np.arange(len(gallery_global))], dtype=np.float32)
+            final = reranked_score(exact, torch.from_numpy(query_vecs @ everything.T), self.fusion)
+        else:
+            final = exact.clone()
+        final[:, torch.from_numpy(removed_rows)] = float("-inf")
+        top = torch.topk(final, k, dim=1)
+        rows = top.indices.numpy()
+        hit_exact = np.take_along_axis(exact.numpy(), rows, 1)
+        hit_cos = np.einsum("qkd,qd->qk", np.asarray(gallery_global[rows], dtype=np.float32), query_vecs)
+        return rows_map.ids_of(rows), top.values.numpy(), hit_exact, hit_cos
 
     def _caption_words(self, caption_ids: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """Zero-padded word embeddings ``(len, L, d)`` float32 and lengths ``(len,)`` of ``caption_ids``."""

@@ -16,7 +16,8 @@ from ..errors import ConfigError, DataError
 DESCRIPTION = """\
 Search an index: text -> images (--text, or --queries FILE with one query per line, batched) or
 image -> captions (--image_id). The top --shortlist items by shortlist vector are re-ranked by the
-exact model (--shortlist 0: the whole gallery exactly):
+exact model (--shortlist 0: the whole gallery exactly). A result's score is exact + lambda * shortlist
+cosine, lambda the head's fusion weight (vsl fit-shortlist --fit_fusion; 0 = the exact score):
 
   vsl search --index index/ --text "a man riding a horse" --k 10 --shortlist 100
   vsl search --index index/ --image_id 17 --json
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=10, help="results per query")
     parser.add_argument("--shortlist", type=int, default=100,
                         help="candidates re-ranked by the exact model; 0 = exhaustive exact scoring")
+    parser.add_argument("--fusion", type=float, default=None, metavar="LAMBDA",
+                        help="weight of the shortlist cosine in the score, exact + LAMBDA * cosine (default: the "
+                             "checkpoint's, from vsl fit-shortlist --fit_fusion; 0 = exact scores)")
     parser.add_argument("--json", action="store_true", help="one JSON object per query on standard output (default: off)")
     parser.add_argument("--checkpoint", default=None, help="the index's checkpoint (default: the path in its manifest)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -41,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from .index import Index
 
     queries = _read_queries(args.queries) if args.queries else None
+    if args.fusion is not None:
+        from ..rerank import check_fusion
+
+        check_fusion(args.fusion, "--fusion")
     index = Index.load(args.index, device=args.device, checkpoint=args.checkpoint)
+    if args.fusion is not None:
+        index.fusion = float(args.fusion)
     if args.image_id is not None:
         results = index.search_image([args.image_id], k=args.k, shortlist=args.shortlist)
         gallery = index.num_captions
@@ -77,8 +87,10 @@ def _read_queries(path: str) -> List[str]:
 def format_result(result, kind: str) -> str:
     lines = [f"query {result.query!r}: top {result.k} {kind}s of a shortlist of "
              f"{result.shortlist or 'all (exhaustive)'} ({1000 * result.seconds:.0f} ms)",
-             f"  {'rank':>4}  {kind + ' id':>10}  {'score':>7}  {'shortlist':>9}  captions"]
+             f"  {'rank':>4}  {kind + ' id':>10}  {'score':>7}  {'exact':>7}  {'shortlist':>9}  captions"]
     for hit in result.hits:
         text = " | ".join(hit.captions)
-        lines.append(f"  {hit.rank:>4}  {hit.id:>10}  {hit.score:7.4f}  {hit.shortlist_score:9.4f}  {text}")
+        exact = hit.score if hit.exact_score is None else hit.exact_score
+        lines.append(f"  {hit.rank:>4}  {hit.id:>10}  {hit.score:7.4f}  {exact:7.4f}  {hit.shortlist_score:9.4f}  "
+                     f"{text}")
     return "\n".join(lines)

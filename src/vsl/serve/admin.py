@@ -119,8 +119,9 @@ def add_admin_routes(app: FastAPI, swapper: Swapper, token: Optional[str], error
         from ..retrieval import remove_images
 
         check(request)
+        before = int(app.state.index.generation)
         await write(remove_images, app.state.index.path, body.ids)
-        return {**await swapper.swap(), "removed": len(set(body.ids))}
+        return {**await swapper.swap(), "previous": before, "removed": len(set(body.ids))}
 
     @app.post("/api/add", summary="append a split or a features folder in a new generation (admin)")
     async def add(body: AddRequest, request: Request) -> Dict[str, Any]:
@@ -130,8 +131,9 @@ def add_admin_routes(app: FastAPI, swapper: Swapper, token: Optional[str], error
         if (body.data_path is None) == (body.features is None):
             raise error("features", "give either data_path (with split) or features", 422)
         index = app.state.index
+        before = int(index.generation)
         done = await write(add_to_index, index.path, index.manifest["checkpoint"], body.data_path, body.split,
                            features=body.features, progress=False, device=str(index.device))
-        swapped = await swapper.swap()
-        return {**swapped, "images": done.images, "captions": done.captions, "first_image": done.first_image,
+        swapped = await swapper.swap()          # the watcher may have swapped it in already
+        return {**swapped, "previous": before, "images": done.images, "captions": done.captions, "first_image": done.first_image,
                 "already": done.already}
