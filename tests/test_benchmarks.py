@@ -229,3 +229,25 @@ def test_bench_million_tiny_mode(tmp_path, capsys):
             assert 0.5 < r[f"{d}_recall_vs_flat"] <= 1.0 and r[f"{d}_p50_ms"] > 0
     assert np.load(tmp_path / "g" / "regions.npy", mmap_mode="r").shape == (2000, 36, 128)
     assert "| flat |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_fusion_tiny_mode(tmp_path, capsys):
+    """bench_fusion.py --tiny: a model trained for one epoch, its head and lambda fitted, the three
+    rankings of the test split and their paired differences, and the targets table."""
+    bench = load_benchmark("bench_fusion")
+    out = tmp_path / "r.json"
+    assert bench.main(["--tiny", "--datasets", "demo", "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["demo"]) == {"weak", "well"}
+    for row in results["demo"].values():
+        assert row["images"] == bench.TINY_SIZES["test_images"]
+        assert set(row["rankings"]) == {"exhaustive", "two_stage", "fused"}
+        assert set(row["paired"]) == {"fused-exhaustive", "fused-two_stage", "two_stage-exhaustive"}
+        diff = row["paired"]["fused-exhaustive"]["rsum"]
+        assert diff["diff"] == pytest.approx(row["rankings"]["fused"]["rsum"] - row["rankings"]["exhaustive"]["rsum"])
+        assert row["rankings"]["exhaustive"]["rsum"] == pytest.approx(row["test_rsum_exhaustive"])
+        if row["lambda"] == 0:
+            assert row["rankings"]["fused"] == row["rankings"]["two_stage"]
+    text = capsys.readouterr().out
+    assert "numbers to reach (issue 21)" in text and "| demo | weak | - | exhaustive |" in text
