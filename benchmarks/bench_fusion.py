@@ -38,6 +38,8 @@ from vsl.config import DEMO_RECIPE  # noqa: E402
 
 DIRS = ("i2t", "t2i")
 RS = ("r1", "r5", "r10")
+#: Split sizes of ``--tiny``.
+TINY_SIZES = {"train_images": 200, "dev_images": 20, "test_images": 30}
 #: The demo's SGR+VSL run (``vsl demo``'s VSL arm).
 VSL_WEIGHT = 10.0
 
@@ -46,12 +48,12 @@ def make_data(name: str, workdir: Path, args: argparse.Namespace) -> Dict[str, A
     """The dataset ``name`` in ``workdir/name`` (cached by its generator)."""
     if name == "demo":
         from vsl.data.demo import DemoSpec, make_demo_data
-        spec = DemoSpec(seed=args.data_seed, **({"train_images": 300, "dev_images": 30, "test_images": 40}
+        spec = DemoSpec(seed=args.data_seed, **(TINY_SIZES
                                                  if args.tiny else {}))
         return make_demo_data(workdir / "demo", spec, thumbnails=False)
     from vsl.demo.simulate import SimSpec, simulate_from_captions
     files = [Path(args.captions) / "dev_caps.txt", Path(args.captions) / "testall_caps.txt"]
-    spec = SimSpec(seed=args.data_seed, **({"train_images": 300, "dev_images": 30, "test_images": 40}
+    spec = SimSpec(seed=args.data_seed, **(TINY_SIZES
                                            if args.tiny else {}))
     out = workdir / "cocosim"
     if (out / "done.json").is_file():                # the simulation is deterministic: made once
@@ -91,6 +93,81 @@ def train(data: Dict[str, Any], out: Path, args: argparse.Namespace) -> Dict[str
     return done
 
 
+def measure(name: str, data: Dict[str, Any], models: Dict[str, Path], workdir: Path,
+            args: argparse.Namespace) -> Dict[str, Any]:
+    """Fit head and lambda of each model (cached), then the three rankings of the test split."""
+    out = {}
+    common = ["--data_path", data["data_path"], "--vocab_path", data["vocab_path"], "--data_name", data["data_name"],
+              "--quiet", "--device", "cpu"]
+    for strength, checkpoint in models.items():
+        head = workdir / f"{name}-{strength}-sl.pth.tar"
+        if not head.is_file():
+            t0 = time.time()
+            vsl("fit-shortlist", "--checkpoint", str(checkpoint), "--out", str(head), "--fit_fusion", "--fusion_k",
+                str(args.k), *(["--epochs", "2"] if args.tiny else []), *common,
+                log=workdir / f"{name}-{strength}-sl.log")
+            print(f"{name} {strength}: head and lambda fitted in {time.time() - t0:.0f} s", flush=True)
+        result_file = workdir / f"{name}-{strength}-eval-k{args.k}.json"
+        if not result_file.is_file():
+            vsl("eval", "--checkpoint", str(head), "--split", "test", "--shortlist", str(args.k), "--compare_exhaustive",
+                "--output", str(result_file), *common)
+        result = json.loads(result_file.read_text())
+        from vsl.checkpoint import read_checkpoint
+
+        fit = read_checkpoint(head)["extra"]["shortlist_fusion_fit"]
+        out[strength] = {"lambda": result["fusion"]["lambda"], "rankings": result["fusion"]["rankings"],
+                         "paired": result["fusion"]["paired"], "images": result["images"],
+                         "dev_rsum": fit["rsum"], "shortlist_recall": [result["shortlist"]["recall_i2t"],
+                                                                        result["shortlist"]["recall_t2i"]],
+                         "test_rsum_exhaustive": result["exhaustive"]["rsum"]}
+    return out
+
+
+RECALL_NAMES = [f"{d}_{r}" for d in DIRS for r in RS]
+
+
+def targets(strength: str, row: Dict[str, Any]) -> Dict[str, bool]:
+    """The issue's numbers to reach, for one model."""
+    from vsl.ablate.stats import ci_excludes_zero
+
+    rank = row["rankings"]
+    if strength == "weak":
+        r1 = all(rank["fused"][f"{d}_r1"] >= max(rank["exhaustive"][f"{d}_r1"], rank["two_stage"][f"{d}_r1"])
+                 for d in DIRS)
+        ci = all(row["paired"][p]["rsum"]["diff"] > 0 and ci_excludes_zero(row["paired"][p]["rsum"]["ci95"])
+                 for p in ("fused-exhaustive", "fused-two_stage"))
+        return {"fused R@1 >= exhaustive and two-stage, both directions": r1,
+                "rsum interval excludes 0 (vs both)": ci}
+    lost = max(rank["exhaustive"][n] - rank["fused"][n] for n in RECALL_NAMES)
+    return {f"no recall lost vs exhaustive within 0.5 (largest loss {lost:+.2f})": lost <= 0.5}
+
+
+def report(results: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> None:
+    header = ["data", "model", "lambda", "ranking", *RECALL_NAMES, "rsum"]
+    rows, paired, checks = [], [], []
+    for name, models in results.items():
+        for strength, row in models.items():
+            for ranking in ("exhaustive", "two_stage", "fused"):
+                values = row["rankings"][ranking]
+                rows.append([name, strength, f"{row['lambda']:.4g}" if ranking == "fused" else "0" if
+                             ranking == "two_stage" else "-", ranking.replace("_", "-"),
+                             *[f"{values[n]:.2f}" for n in RECALL_NAMES], f"{values['rsum']:.2f}"])
+            for pair, diffs in row["paired"].items():
+                paired.append([name, strength, pair.replace("_", "-"),
+                               *[f"{diffs[n]['diff']:+.2f} [{diffs[n]['ci95'][0]:+.2f}, {diffs[n]['ci95'][1]:+.2f}]"
+                                 for n in ("i2t_r1", "t2i_r1", "rsum")]])
+            for what, ok in targets(strength, row).items():
+                checks.append([name, strength, what, "yes" if ok else "NO"])
+    print(f"\ntest split, shortlist K = {args.k} (the same embeddings and exact scores for all three rankings):")
+    print(markdown_table(header, rows))
+    print("\npaired differences over test images (bootstrap 95% interval, vsl.ablate.stats):")
+    print(markdown_table(["data", "model", "difference", "i2t_r1", "t2i_r1", "rsum"], paired))
+    print("\nnumbers to reach (issue 21):")
+    print(markdown_table(["data", "model", "target", "met"], checks))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", choices=("demo", "cocosim"), default=["demo", "cocosim"])
@@ -103,7 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--stage", choices=("models", "all"), default="all",
                         help="models: only make the data and train (to cache them)")
-    parser.add_argument("--tiny", action="store_true", help="tiny datasets, 1 epoch, K 10 (a smoke test)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny datasets, 1 training epoch, 2 head epochs, K 10 (a smoke test)")
     parser.add_argument("--json", default=None, help="write all results as JSON")
     args = parser.parse_args(argv)
     if args.tiny:

@@ -258,3 +258,25 @@ def test_bench_grow_tiny_mode_adds_and_matches_a_rebuild(tmp_path):
     check = result["check"]
     assert check["same_ids"] == check["queries"] > 0 and check["max_score_diff"] <= bench.TOLERANCE
     assert json.loads((tmp_path / "g.json").read_text())["check"] == check
+
+
+@pytest.mark.slow
+def test_bench_fusion_tiny_mode(tmp_path, capsys):
+    """bench_fusion.py --tiny: a model trained for one epoch, its head and lambda fitted, the three
+    rankings of the test split and their paired differences, and the targets table."""
+    bench = load_benchmark("bench_fusion")
+    out = tmp_path / "r.json"
+    assert bench.main(["--tiny", "--datasets", "demo", "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["demo"]) == {"weak", "well"}
+    for row in results["demo"].values():
+        assert row["images"] == bench.TINY_SIZES["test_images"]
+        assert set(row["rankings"]) == {"exhaustive", "two_stage", "fused"}
+        assert set(row["paired"]) == {"fused-exhaustive", "fused-two_stage", "two_stage-exhaustive"}
+        diff = row["paired"]["fused-exhaustive"]["rsum"]
+        assert diff["diff"] == pytest.approx(row["rankings"]["fused"]["rsum"] - row["rankings"]["exhaustive"]["rsum"])
+        assert row["rankings"]["exhaustive"]["rsum"] == pytest.approx(row["test_rsum_exhaustive"])
+        if row["lambda"] == 0:
+            assert row["rankings"]["fused"] == row["rankings"]["two_stage"]
+    text = capsys.readouterr().out
+    assert "numbers to reach (issue 21)" in text and "| demo | weak | - | exhaustive |" in text
