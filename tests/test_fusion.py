@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import write_scan_dataset
+from test_retrieval import TEST_IMAGES, data, published  # noqa: F401  (the retrieval tests' split and checkpoint)
 from vsl import metrics
 from vsl.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from vsl.cli import main
@@ -24,7 +25,6 @@ from vsl.rerank import (OFFSET, fused_ranks, rerank, reranked_score, shortlist_p
 from vsl.retrieval import Index, build_index, evaluate_shortlist, fit_shortlist
 from vsl.retrieval.fusion import FUSION_GRID, best_fusion
 
-TEST_IMAGES = 24
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -200,18 +200,6 @@ def test_config_refuses_a_negative_or_non_finite_fusion_weight():
 # --------------------------------------------------------------------------------------------
 # The commands, on the fixture checkpoint
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fusion_data")
-    return write_scan_dataset(root, "coco_precomp", {"train": 60, "dev": 12, "test": TEST_IMAGES}, img_dim=64,
-                              num_regions=36, extra_words=21, seed=5)
-
-
-@pytest.fixture(scope="module")
-def published(fixtures_dir):
-    return str(fixtures_dir / "SGR_checkpoint.pth.tar")
-
-
 @pytest.fixture(scope="module")
 def fitted(published, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("fusion_fitted") / "sgr_sl.pth.tar"
