@@ -91,6 +91,9 @@ class Index:
         self.num_images: int = int(manifest["num_images"])
         self.num_captions: int = int(manifest["num_captions"])
         self.captions_per_image: int = int(manifest["captions_per_image"])
+        # What each generation indexed (pictures, boxes) and the first image id of each.
+        self.sources = sources(manifest)
+        self._source_firsts = np.array([s["first_image"] for s in self.sources], dtype=np.int64)
         # Rows of all segments (:mod:`.segments`), addressed by id through the id maps.
         self.image_rows = read_rows(path, manifest, "images", self.num_images)
         self.caption_rows = read_rows(path, manifest, "captions", self.num_captions)
@@ -257,18 +260,17 @@ class Index:
     # -- explaining a match -------------------------------------------------------------------
     def split_path(self, suffix: str) -> Optional[Path]:
         """A file or folder beside the first indexed features, when it exists (:func:`source_path`)."""
-        return source_path(sources(self.manifest)[0]["source"], suffix)
+        return source_path(self.sources[0]["source"], suffix)
 
     def _sources_of(self, image_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """For each image id: the index into the manifest's sources, and the image's number there."""
-        firsts = np.array([s["first_image"] for s in sources(self.manifest)], dtype=np.int64)
-        which = np.searchsorted(firsts, image_ids, side="right") - 1
-        return which, image_ids - firsts[which]
+        which = np.searchsorted(self._source_firsts, image_ids, side="right") - 1
+        return which, image_ids - self._source_firsts[which]
 
     def picture(self, image_id: int) -> Optional[Path]:
         """The picture of a gallery image (``{n}.png`` in its source's ``_thumbs/``), when there is one."""
         which, local = self._sources_of(np.array([int(image_id)]))
-        folder = source_path(sources(self.manifest)[int(which[0])]["source"], "_thumbs")
+        folder = source_path(self.sources[int(which[0])]["source"], "_thumbs")
         path = folder / f"{int(local[0])}.png" if folder is not None else None
         return path if path is not None and path.is_file() else None
 
@@ -276,7 +278,7 @@ class Index:
     def can_explain(self) -> bool:
         """Whether some indexed source has region boxes (``{split}_boxes.npy`` and ``_sizes.npy``)."""
         return any(source_path(s["source"], "_boxes.npy") is not None and
-                   source_path(s["source"], "_sizes.npy") is not None for s in sources(self.manifest))
+                   source_path(s["source"], "_sizes.npy") is not None for s in self.sources)
 
     def explain(self, query: str, image_ids: Sequence[int]) -> List[Optional[Dict[str, Any]]]:
         """Which regions of each image the words of ``query`` attend to under the exact model.
@@ -305,7 +307,7 @@ class Index:
         which, local = self._sources_of(ids)
         found = {}
         for w in np.unique(which).tolist():
-            source = sources(self.manifest)[w]["source"]
+            source = self.sources[w]["source"]
             boxes, sizes = source_path(source, "_boxes.npy"), source_path(source, "_sizes.npy")
             if boxes is not None and sizes is not None:
                 found[w] = (np.load(boxes, mmap_mode="r"), np.load(sizes, mmap_mode="r"))   # sizes (N, 2) h, w
