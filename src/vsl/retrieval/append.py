@@ -29,7 +29,7 @@ from .faiss_index import add_vectors, make_faiss, read_faiss, write_faiss
 from .grow import generation, removed_images, sweep, writer_lock
 from .segments import (caption_offsets, caption_texts, faiss_files, open_side, read_rows, segment_file, segments,
                        sources)
-from .store import BLOCK_CAPTIONS, BLOCK_IMAGES, FILES, read_manifest, sha256_file, write_manifest
+from .store import BLOCK_CAPTIONS, BLOCK_IMAGES, read_manifest, sha256_file, write_manifest
 
 PathLike = Union[str, os.PathLike]
 #: The files of a segment, by side.

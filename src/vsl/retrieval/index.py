@@ -22,7 +22,8 @@ from ..rerank import rerank
 from ..runtime import pad_token_ids, padded_words
 from .faiss_index import excluding, read_faiss, search
 from .grow import generation, removed_images
-from .segments import caption_offsets, caption_texts, faiss_files, open_side, read_rows, segments, sources
+from .segments import (caption_offsets, caption_texts, faiss_files, open_side, read_rows, segment_file, segments,
+                       sources)
 from .store import read_manifest, sha256_file
 
 PathLike = Union[str, os.PathLike]
@@ -168,8 +169,6 @@ class Index:
         return type(self)._open(self.path, read_manifest(self.path), self.model, self.vocab, self.device)
 
     def _check_shapes(self) -> None:
-        from .segments import segment_file
-
         m = self.manifest
         for part, seg in enumerate(segments(m)):
             rows = int(seg["images"])
